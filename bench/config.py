@@ -1,0 +1,120 @@
+"""Benchmark configuration: one dataclass tree that flows unchanged from the CLI (simple-parsing, YAML
+presets) to each Ray task and into MLflow params."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bench.masks import RATIO_BINS, bin_label
+
+SIX_BINS = tuple(bin_label(lo, hi) for lo, hi in RATIO_BINS)
+
+
+@dataclass
+class TrainConfig:
+    """Training settings shared by every trainable method (a method's own hyper-parameters live in its
+    config dataclass and are overridden through ``method_options``)."""
+
+    steps: int = 200  # optimisation steps per cell (0 = evaluate the method as created/loaded)
+    batch_size: int = 8  # images per step
+    seed: int = 0  # seeds weights, data order and training masks
+    mask_preset: str = "deepfill"  # free-form preset for training masks: deepfill | thin | medium | thick
+    max_mask_ratio: float = 0.6  # training masks are drawn with hole ratio ≤ this
+    checkpoint_every: int = 50  # steps between resumable checkpoints
+    log_every: int = 1  # steps between recorded loss values
+
+
+@dataclass
+class DataConfig:
+    """Which image sets to benchmark and at what size."""
+
+    # Each entry is an embedded suite (faces, scenes, facades) or KIND:PATH with KIND in celeba, paris,
+    # places2, folder — e.g. celeba:/data/celeba or folder:~/my_photos.
+    datasets: list[str] = field(default_factory=lambda: ["faces", "scenes", "facades"])
+    image_size: int = 64  # evaluation and training resolution (the paper uses 256)
+    test_limit: int | None = None  # use at most this many test images per dataset (None = all)
+    train_limit: int | None = None  # use at most this many training images (None = all)
+    cache_dir: str | None = None  # where embedded suites are built (default $SAHN_BENCH_CACHE or ~/.cache/sahn-bench)
+
+
+@dataclass
+class MaskConfig:
+    """The frozen test-mask protocol (see docs/protocol.md)."""
+
+    source: Literal["freeform", "nvidia"] = "freeform"  # seeded free-form generator, or the NVIDIA test masks
+    folder: str | None = None  # folder of the NVIDIA irregular mask test set (source=nvidia)
+    preset: str = "deepfill"  # free-form preset: deepfill | thin | medium | thick
+    bins: list[str] = field(default_factory=lambda: list(SIX_BINS))  # ratio bins to draw test masks in
+    masks_per_bin: int = 1  # masks per test image and bin
+    seed: int = 0  # seed of the free-form generator / NVIDIA assignment
+
+
+@dataclass
+class ResourceConfig:
+    """Where cells run and how much each asks for."""
+
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1 ...
+    cpus_per_cell: float = 1.0  # Ray CPU request per cell
+    gpus_per_cell: float = 0.0  # Ray GPU request per cell (fractional allowed)
+    ray_address: str | None = None  # existing Ray cluster (or env RAY_ADDRESS); default: a local cluster
+    serial: bool = False  # run cells in this process without Ray (debugging)
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str | None = None  # MLflow tracking URI; default sqlite:///<out>/mlflow.db
+    experiment: str = "sahn-bench"  # MLflow experiment name
+
+
+@dataclass
+class BenchmarkConfig:
+    """Benchmark every registered inpainting method on the frozen test pairs of each dataset."""
+
+    out: str = "results"  # output folder (per-image CSVs, composites, report, MLflow store)
+    scale: Literal["tiny", "paper"] = "tiny"  # which registered variants to run when --methods is empty
+    methods: list[str] = field(default_factory=list)  # method names (empty = every variant of --scale)
+    seeds: list[int] = field(default_factory=lambda: [0])  # one cell per method × dataset × seed
+    eval_batch_size: int = 16  # pairs per inference batch
+    save_images: bool = True  # write the scored composites as PNG beside per_image.csv
+    inception_weights: str | None = None  # explicit pt_inception-2015-12-05 file for FID
+    lpips_weights: str | None = None  # explicit AlexNet trunk file for LPIPS
+    data: DataConfig = field(default_factory=DataConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Per-method config overrides, e.g. {"sahn_tiny": {"alpha": 0.4}} (YAML).
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-method training overrides, e.g. {"ddnm_tiny": {"steps": 400}} (YAML).
+    train_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Rebuild a (nested) config dataclass from :func:`to_dict` output."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        f = hints[key]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = from_dict(sub, value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"steps": 5}}`` → ``{"train.steps": 5}`` (MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
