@@ -38,11 +38,14 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, *, presets: Path, def
         argv[index:index + 2] = ["--config", preset_path(argv[index + 1], presets)]
     if default_preset and not given and not any(a in ("-h", "--help") for a in argv):
         argv = ["--config", preset_path(default_preset, presets), *argv]
+    # Every field gets its full dotted flag (--masks.source) and, where unambiguous, a short one (--steps).
     parser = simple_parsing.ArgumentParser(add_option_string_dash_variants=simple_parsing.DashVariant.DASH,
+                                           argument_generation_mode=simple_parsing.ArgumentGenerationMode.BOTH,
+                                           nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT,
                                            add_config_path_arg="config", description=description,
                                            formatter_class=simple_parsing.SimpleHelpFormatter)
-    parser.add_arguments(cls, dest="config")
-    return parser.parse_args(argv).config
+    parser.add_arguments(cls, dest="options")
+    return parser.parse_args(argv).options
 
 
 def run_main(main: Callable[[], Any]) -> None:

@@ -10,6 +10,7 @@ summary is complete.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from bench.aggregate import save_features, summarize
+from bench.aggregate import load_features, save_features, summarize
 from bench.images import quantize, read_image, to_numpy_uint8, to_tensor, write_png
 from bench.manifest import Manifest
-from bench.masks import read_mask
 from bench.methods import InpaintingMethod
 from bench.scoring import Scorer
 
@@ -45,9 +45,28 @@ def write_csv_atomic(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 def load_pair_batch(manifest: Manifest, pairs: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     size = manifest.image_size
     images = torch.stack([to_tensor(read_image(manifest.image_path(p), size=size, crop=manifest.crop)) for p in pairs])
-    masks = torch.stack([torch.from_numpy(read_mask(manifest.mask_path(p), size).astype(np.float32))[None]
-                         for p in pairs])
+    masks = torch.stack([torch.from_numpy(manifest.read_mask(p).astype(np.float32))[None] for p in pairs])
     return images.to(device), masks.to(device)
+
+
+def _ground_truth_features(manifest: Manifest, scorer: Scorer, batch_size: int, device: torch.device
+                           ) -> dict[str, np.ndarray]:
+    """Features of the ground-truth images, the same for every method: computed once per manifest and
+    cached beside it, keyed by the networks' provenance (a cache from other weights is not reused)."""
+    cache = manifest.out_dir / "gt_features.npz"
+    provenance = scorer.provenance()
+    if cache.exists():
+        cached = load_features(cache)
+        if str(cached.pop("provenance", "")) == json.dumps(provenance, sort_keys=True):
+            return cached
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(manifest.pairs), batch_size):
+        images, _ = load_pair_batch(manifest, manifest.pairs[start:start + batch_size], device)
+        for name, values in scorer.features(quantize(images)).items():
+            parts.setdefault(f"gt/{name}", []).append(values.double().cpu().numpy())
+    features = {k: np.concatenate(v) for k, v in parts.items()}
+    save_features(cache, {**features, "provenance": np.array(json.dumps(provenance, sort_keys=True))})
+    return features
 
 
 @torch.no_grad()
@@ -69,12 +88,9 @@ def evaluate(method: InpaintingMethod, manifest: Manifest, out_dir: str | os.Pat
         if prediction.shape != images.shape:
             raise RuntimeError(f"{method.name}: inpaint returned {tuple(prediction.shape)} for {tuple(images.shape)}")
         composite = quantize(prediction * masks + images * (1 - masks))
-        truth = quantize(images)
-        scores = scorer.per_image(composite, truth)
+        scores = scorer.per_image(composite, quantize(images))
         for name, values in scorer.features(composite).items():
             features.setdefault(f"pred/{name}", []).append(values.double().cpu().numpy())
-        for name, values in scorer.features(truth).items():
-            features.setdefault(f"gt/{name}", []).append(values.double().cpu().numpy())
         for i, pair in enumerate(batch):
             output = image_dir / f"{pair.pair_id}.png"
             if save_images:
@@ -87,6 +103,7 @@ def evaluate(method: InpaintingMethod, manifest: Manifest, out_dir: str | os.Pat
     bar.close()
     per_image = pd.DataFrame(rows)
     stacked = {k: np.concatenate(v) for k, v in features.items()}
+    stacked.update(_ground_truth_features(manifest, scorer, batch_size, device))
     save_features(out_dir / "features.npz", stacked)
     write_csv_atomic(per_image, out_dir / "per_image.csv")
     summary = summarize(per_image, stacked)

@@ -93,7 +93,10 @@ class InpaintingMethod(nn.Module):
         if not path.exists():
             raise UserError(f"checkpoint not found: {path}")
         if path.is_file():
-            payload = safe_torch_load(path)
+            try:
+                payload = safe_torch_load(path)
+            except CheckpointError:  # official formats may hold objects the plain loader refuses
+                payload = None
             if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
                 load_state_dict_strict(self, payload["state_dict"], what=f"{path}")
                 return self
@@ -216,8 +219,11 @@ def get_factory(name: str) -> MethodFactory:
 
 def create_method(name: str, **overrides: Any) -> InpaintingMethod:
     """Create a registered method by name; ``overrides`` replace fields of its config dataclass."""
-    method = get_factory(name)(**overrides)
+    factory = get_factory(name)
+    method = factory(**overrides)
     method.name = name
+    if getattr(factory, "paper_name", None):  # the variant names the paper column it stands for
+        method.paper_name = factory.paper_name
     return method
 
 

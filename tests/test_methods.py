@@ -84,14 +84,18 @@ def test_strict_load_names_missing_unexpected_and_mismatched_keys():
     assert "discriminator.weight (2, 2) vs (1, 3, 3, 3)" in message
 
 
-def test_load_refuses_pickled_objects(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
 
-    torch.save({"format": "x", "payload": Evil()}, tmp_path / "evil.pt")
+
+def test_load_refuses_pickled_objects(tmp_path, capsys):
+    torch.save({"format": "sahn-bench/1", "payload": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="weights_only"):
+        safe_torch_load(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError):
         create_method("test_tiny").load(tmp_path / "evil.pt")
+    assert "pwned" not in capsys.readouterr().out
 
 
 def test_missing_checkpoint_and_foreign_format(tmp_path):

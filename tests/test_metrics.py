@@ -1,0 +1,159 @@
+"""Conformance of the pixel metrics with scikit-image / numpy, and of FID/KID with pytorch-fid's definitions."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from pytorch_fid.fid_score import calculate_frechet_distance
+from skimage import data
+from skimage.filters import gaussian
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from bench.metrics import (PSNR_CAP, frechet_distance, frechet_distance_of_features, gaussian_statistics, kid, mae,
+                           psnr, ssim)
+
+
+def to_tensor(batch_hwc: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(batch_hwc)).permute(0, 3, 1, 2).contiguous()
+
+
+def random_pairs(rng, batch, height, width, noise=40):
+    truth = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    noisy = truth.astype(np.int64) + rng.integers(-noise, noise + 1, truth.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), truth
+
+
+def structured_pairs(height, width):
+    """Real photographs (astronaut, coffee crops) against blurred + noisy versions of themselves."""
+    rng = np.random.default_rng(3)
+    truth = np.stack([data.astronaut()[100:100 + height, 150:150 + width],
+                      data.coffee()[50:50 + height, 200:200 + width]])
+    blurred = np.stack([gaussian(image, sigma=1.2, channel_axis=-1, preserve_range=True) for image in truth])
+    degraded = np.clip(np.rint(blurred + rng.normal(0, 6, truth.shape)), 0, 255).astype(np.uint8)
+    return degraded, truth
+
+
+def skimage_ssim(pred, truth):
+    return np.array([structural_similarity(truth[i], pred[i], gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False, data_range=255, channel_axis=-1)
+                     for i in range(len(pred))])
+
+
+@pytest.mark.parametrize("height,width", [(11, 11), (32, 32), (24, 57), (65, 40)])
+def test_ssim_matches_skimage_on_random_images(height, width):
+    pred, truth = random_pairs(np.random.default_rng(height * width), 3, height, width)
+    ours = ssim(to_tensor(pred), to_tensor(truth)).numpy()
+    assert np.abs(ours - skimage_ssim(pred, truth)).max() <= 1e-6
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (48, 80), (97, 31)])
+def test_ssim_matches_skimage_on_photographs(height, width):
+    pred, truth = structured_pairs(height, width)
+    ours = ssim(to_tensor(pred), to_tensor(truth)).numpy()
+    reference = skimage_ssim(pred, truth)
+    assert np.abs(ours - reference).max() <= 1e-6
+    assert 0.3 < reference.min() < 1.0  # structured and degraded, so the comparison is not trivial
+
+
+def test_ssim_is_one_for_identical_images_and_rejects_tiny_images():
+    pred, _ = random_pairs(np.random.default_rng(0), 2, 16, 16)
+    assert torch.allclose(ssim(to_tensor(pred), to_tensor(pred)), torch.ones(2, dtype=torch.float64))
+    tiny, _ = random_pairs(np.random.default_rng(0), 1, 10, 30)
+    with pytest.raises(ValueError, match="at least 11x11"):
+        ssim(to_tensor(tiny), to_tensor(tiny))
+
+
+def test_psnr_and_mae_match_numpy_and_skimage():
+    pred, truth = random_pairs(np.random.default_rng(1), 4, 20, 33, noise=25)
+    difference = pred.astype(np.float64) - truth.astype(np.float64)
+    expected_psnr = [10 * np.log10(255.0**2 / np.mean(d**2)) for d in difference]
+    expected_mae = [np.mean(np.abs(d)) / 255.0 for d in difference]
+    ours_psnr = psnr(to_tensor(pred), to_tensor(truth))
+    assert ours_psnr.dtype == torch.float64
+    np.testing.assert_allclose(ours_psnr.numpy(), expected_psnr, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ours_psnr.numpy(), [peak_signal_noise_ratio(t, p, data_range=255)
+                                                   for p, t in zip(pred, truth)], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(mae(to_tensor(pred), to_tensor(truth)).numpy(), expected_mae, rtol=0, atol=1e-12)
+
+
+def test_psnr_of_identical_images_is_the_cap_not_inf():
+    pred, truth = random_pairs(np.random.default_rng(2), 2, 16, 16)
+    pred[1] = truth[1]
+    values = psnr(to_tensor(pred), to_tensor(truth))
+    assert values[1].item() == PSNR_CAP
+    assert np.isfinite(values.numpy()).all() and values[0].item() < PSNR_CAP
+
+
+def test_metrics_refuse_float_images_and_mismatched_shapes():
+    images = torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="uint8"):
+        psnr(images.float(), images.float())
+    with pytest.raises(ValueError, match="differ in shape"):
+        mae(images, torch.zeros(1, 3, 16, 17, dtype=torch.uint8))
+
+
+def pytorch_fid_distance(features_a, features_b):
+    with warnings.catch_warnings():  # pytorch-fid passes scipy's deprecated ``disp`` argument
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return calculate_frechet_distance(features_a.mean(0), np.cov(features_a, rowvar=False),
+                                          features_b.mean(0), np.cov(features_b, rowvar=False))
+
+
+@pytest.mark.parametrize("count_a,count_b,dim", [(200, 150, 24), (20, 27, 48)])
+def test_frechet_distance_matches_pytorch_fid(count_a, count_b, dim):
+    rng = np.random.default_rng(count_a)
+    features_a = rng.normal(size=(count_a, dim)) @ rng.normal(size=(dim, dim)) * 0.3
+    features_b = rng.normal(size=(count_b, dim)) * 1.3 + 0.2
+    reference = pytorch_fid_distance(features_a, features_b)
+    statistics = (*gaussian_statistics(features_a), *gaussian_statistics(features_b))
+    assert frechet_distance(*statistics) == pytest.approx(reference, rel=1e-6)
+    # the N < D shortcut (nuclear norm of the small cross matrix) and the D×D path agree too
+    assert frechet_distance_of_features(features_a, features_b) == pytest.approx(reference, rel=1e-6)
+
+
+def test_frechet_distance_is_zero_for_identical_statistics_and_grows_with_a_shift():
+    features = np.random.default_rng(5).normal(size=(100, 16))
+    assert abs(frechet_distance_of_features(features, features)) < 1e-8
+    # shifting every dimension by 1 adds exactly |shift|² = 16
+    assert frechet_distance_of_features(features, features + 1.0) == pytest.approx(16.0, rel=1e-9)
+
+
+def explicit_unbiased_mmd2(x, y):
+    """Bińkowski et al.'s unbiased estimator written as plain loops (independent of bench.metrics)."""
+    m, d = x.shape
+    k = lambda u, v: (u @ v / d + 1.0) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_on_the_full_set_equals_the_explicit_estimator():
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(12, 5)), rng.normal(size=(12, 5)) + 0.5
+    mean, std = kid(x, y, num_subsets=1, subset_size=12)  # one subset = every sample, permuted
+    assert mean == pytest.approx(explicit_unbiased_mmd2(x, y), rel=1e-10)
+    assert std == 0.0
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shift():
+    rng = np.random.default_rng(11)
+    x, y = rng.normal(size=(400, 32)), rng.normal(size=(300, 32))
+    same_mean, same_std = kid(x, y, num_subsets=50, subset_size=200)
+    shifted_mean, shifted_std = kid(x, y + 0.5, num_subsets=50, subset_size=200)
+    assert abs(same_mean) < 3 * same_std + 1e-3
+    assert shifted_mean > 10 * max(abs(same_mean), same_std)
+    assert shifted_mean > 3 * shifted_std
+
+
+def test_kid_is_seeded_and_clips_the_subset_size():
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(30, 8)), rng.normal(size=(25, 8))
+    first = kid(x, y, num_subsets=20, subset_size=1000, seed=4)
+    assert first == kid(x, y, num_subsets=20, subset_size=1000, seed=4)
+    assert first != kid(x, y, num_subsets=20, subset_size=1000, seed=5)
+    # the precomputed-kernel path and the per-subset path give the same numbers
+    per_subset = kid(x, y, num_subsets=20, subset_size=1000, seed=4, full_kernel_max_entries=0)
+    assert per_subset == pytest.approx(first, rel=1e-10, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2"):
+        kid(x[:1], y, num_subsets=2)
