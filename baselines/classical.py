@@ -85,11 +85,11 @@ class DiffusionFill(ClassicalMethod):
         return filled.clamp(0, 1)
 
 
-@variant(scale="any")
+@variant(scale="any", trainable=False)
 def biharmonic(**overrides) -> BiharmonicInpainting:
     return BiharmonicInpainting(apply_overrides(BiharmonicConfig(), overrides))
 
 
-@variant(scale="any")
+@variant(scale="any", trainable=False)
 def diffusion_fill(**overrides) -> DiffusionFill:
     return DiffusionFill(apply_overrides(DiffusionFillConfig(), overrides))

@@ -4,6 +4,8 @@ read back, an unfinished training resumes from its checkpoint)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import time
@@ -18,7 +20,8 @@ from bench.config import BenchmarkConfig, TrainConfig
 from bench.datasets import load_image_set
 from bench.evaluate import evaluate, write_csv_atomic
 from bench.manifest import PROTOCOL_VERSION, load_manifest
-from bench.methods import apply_overrides, atomic_torch_save, create_method
+from bench.errors import UserError
+from bench.methods import apply_overrides, create_method
 from bench.scoring import Scorer
 
 EMBEDDED_SUITES = ("faces", "scenes", "facades")
@@ -56,6 +59,12 @@ class CellSpec:
         return f"{parse_dataset(self.dataset).label}/{self.method}/seed{self.seed}"
 
 
+@functools.lru_cache(maxsize=4)
+def cached_scorer(device: str, inception_path: str | None, lpips_path: str | None) -> Scorer:
+    """One scorer per worker process: its networks load once, not once per cell."""
+    return Scorer(device=torch.device(device), inception_path=inception_path, lpips_trunk_path=lpips_path)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -65,6 +74,15 @@ def resolve_device(name: str) -> torch.device:
 def cell_train_config(config: BenchmarkConfig, cell: CellSpec) -> TrainConfig:
     overrides = dict(config.train_options.get(cell.method, {}))
     return apply_overrides(dataclasses.replace(config.train, seed=cell.seed), overrides)
+
+
+def cell_fingerprint(config: BenchmarkConfig, cell: CellSpec) -> str:
+    """Digest of every option that changes a cell's numbers, so stale results are never reused."""
+    relevant = {"method": cell.method, "options": config.method_options.get(cell.method, {}),
+                "train": dataclasses.asdict(cell_train_config(config, cell)), "dataset": cell.dataset,
+                "image_size": config.data.image_size, "train_limit": config.data.train_limit,
+                "manifest": cell.manifest_dir, "inception": config.inception_weights, "lpips": config.lpips_weights}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_done(cell_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -81,8 +99,12 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
 def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Run (or read back) one cell; returns the record written to ``cell.json``."""
+    fingerprint = cell_fingerprint(config, cell)
     done = read_done(cell.cell_dir)
     if done is not None:
+        if done.get("fingerprint", fingerprint) != fingerprint:
+            raise UserError(f"{cell.cell_dir} holds results made with other options; use a new --out "
+                            "or delete that folder")
         return done
     cell_dir = Path(cell.cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +130,7 @@ def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
         method.save(cell_dir / "model.pt")
 
     manifest = load_manifest(cell.manifest_dir)
-    scorer = Scorer(device=device, inception_path=config.inception_weights, lpips_trunk_path=config.lpips_weights)
+    scorer = cached_scorer(str(device), config.inception_weights, config.lpips_weights)
     started = time.perf_counter()
     evaluation = evaluate(method, manifest, cell_dir, scorer, batch_size=config.eval_batch_size,
                           save_images=config.save_images, progress=progress, description=f"eval {cell.key}")
@@ -117,7 +139,7 @@ def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
     record = {
         "method": cell.method, "paper_name": method.paper_name, "dataset": dataset.label,
         "dataset_entry": cell.dataset, "seed": cell.seed, "device": str(device),
-        "protocol": PROTOCOL_VERSION, "manifest_digest": manifest.digest(),
+        "protocol": PROTOCOL_VERSION, "manifest_digest": manifest.digest(), "fingerprint": fingerprint,
         "num_parameters": method.num_parameters(), "substitutions": dict(method.substitutions),
         "pretrained": dict(getattr(method, "pretrained", {}) or {}),
         "metric_networks": scorer.provenance(), "method_config": method.config_dict(),

@@ -169,12 +169,15 @@ MethodFactory = Callable[..., InpaintingMethod]
 _LOCAL: dict[str, MethodFactory] = {}
 
 
-def variant(scale: Scale = "any", paper_name: str | None = None) -> Callable[[MethodFactory], MethodFactory]:
-    """Mark a constructor as a variant: ``scale`` picks it for the ``default`` (tiny) or ``paper`` preset."""
+def variant(scale: Scale = "any", paper_name: str | None = None,
+            trainable: bool = True) -> Callable[[MethodFactory], MethodFactory]:
+    """Mark a constructor as a variant: ``scale`` picks it for the ``default`` (tiny) or ``paper`` preset;
+    ``trainable=False`` tells pipelines, without building the method, that it needs no training data."""
 
     def mark(factory: MethodFactory) -> MethodFactory:
         factory.scale = scale  # type: ignore[attr-defined]
         factory.paper_name = paper_name  # type: ignore[attr-defined]
+        factory.trainable = trainable  # type: ignore[attr-defined]
         return factory
 
     return mark

@@ -91,8 +91,16 @@ def prepare(config: BenchmarkConfig, methods: list[str] | None = None) -> Plan:
     out = Path(config.out).expanduser().resolve()
     methods = methods if methods is not None else resolve_methods(config)
     cells, digests = [], {}
+    needs_training = config.train.steps > 0 and any(getattr(get_factory(m), "trainable", True) for m in methods)
     for entry in config.data.datasets:
         dataset = parse_dataset(entry)
+        if needs_training:  # a missing training split fails now, not after hours of other cells
+            try:
+                load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.data.image_size,
+                               limit=config.data.train_limit, cache_dir=config.data.cache_dir)
+            except UserError as exc:
+                raise UserError(f"{exc} — trainable methods need a training split; run only methods that need "
+                                "none (--methods biharmonic diffusion_fill) or pass --steps 0") from exc
         test_set = load_image_set(dataset.kind, "test", root=dataset.root, image_size=config.data.image_size,
                                   limit=config.data.test_limit, cache_dir=config.data.cache_dir)
         manifest_dir = out / dataset.label / "manifest"

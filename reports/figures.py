@@ -26,7 +26,8 @@ def loss_curves(histories: dict[str, pd.DataFrame], title: str, path: Path, smoo
             axis.plot(history["step"], series, label=term, linewidth=1.2)
         axis.set_title(method, fontsize=10)
         axis.set_xlabel("step")
-        axis.set_ylabel("loss")
+        axis.set_ylabel("loss (symlog)")
+        axis.set_yscale("symlog", linthresh=1e-2)  # loss terms differ by orders of magnitude
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(methods):]:

@@ -1,0 +1,111 @@
+"""The paper's Table 4: SAHN without the U-Net and without multi-scale semantic fusion, beside the full model.
+
+    python -m pipelines.ablation                       # default preset: tiny variants on `facades`, CPU
+    python -m pipelines.ablation --config paper --datasets paris:/data/paris_streetview
+    python -m pipelines.ablation --steps 400 --seeds 0 1 2
+
+An ablation run is a benchmark (the same frozen manifest, training, evaluation, Ray/MLflow machinery and
+resume as ``python -m pipelines.full_benchmark``) of three variants, scored on hole ratios (0.5,0.6]
+only, as the paper (50–60% irregular masks on Paris StreetView):
+
+  sahn_tiny            the full model                                  (paper column "SAHN")
+  sahn_tiny_no_unet    ``use_unet=False``: no skips from E_s to the prior pyramid   ("SAHN w/o U-Net")
+  sahn_tiny_no_msf     ``use_msf=False``: one semantic scale modulates every MSF scale
+                                                                       ("SAHN w/o multi-scale semantic fusion")
+and ``sahn_paper``, ``sahn_paper_no_unet``, ``sahn_paper_no_msf`` at the paper's size (``--config paper``).
+
+Results go to their own folder (default ``results-ablation``, beside the benchmark's ``results``): the
+full model there is trained and scored on other pairs than the benchmark's, so the two must not mix in
+one table. The report of that folder holds Table 4, the paper's Table 4 beside it, and paired-bootstrap
+intervals of each variant against the full model; ``python -m reports.build --from results`` picks the
+sibling folder up for its own Table 4 section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.cli import parse_config, run_main
+from bench.config import BenchmarkConfig
+from bench.errors import UserError
+from bench.methods import InpaintingMethod, create_method, register_method, variant
+from reports.paper_compare import ABLATION_BIN, NO_MSF, NO_UNET
+
+PRESETS = Path(__file__).parent / "presets" / "ablation"
+
+
+# ------------------------------------------------------------------------------------------ variants
+# Module-level constructors (not lambdas): Ray pickles the driver's factories by reference, and a worker
+# imports this module to find them.
+@variant(scale="tiny", paper_name=NO_UNET)
+def sahn_tiny_no_unet(**overrides: Any) -> InpaintingMethod:
+    """sahn_tiny without the U-Net skip connections."""
+    return create_method("sahn_tiny", **{"use_unet": False, **overrides})
+
+
+@variant(scale="tiny", paper_name=NO_MSF)
+def sahn_tiny_no_msf(**overrides: Any) -> InpaintingMethod:
+    """sahn_tiny with single-scale semantic fusion."""
+    return create_method("sahn_tiny", **{"use_msf": False, **overrides})
+
+
+@variant(scale="paper", paper_name=NO_UNET)
+def sahn_paper_no_unet(**overrides: Any) -> InpaintingMethod:
+    """sahn_paper without the U-Net skip connections."""
+    return create_method("sahn_paper", **{"use_unet": False, **overrides})
+
+
+@variant(scale="paper", paper_name=NO_MSF)
+def sahn_paper_no_msf(**overrides: Any) -> InpaintingMethod:
+    """sahn_paper with single-scale semantic fusion."""
+    return create_method("sahn_paper", **{"use_msf": False, **overrides})
+
+
+VARIANTS = {
+    "tiny": ("sahn_tiny", sahn_tiny_no_unet, sahn_tiny_no_msf),
+    "paper": ("sahn_paper", sahn_paper_no_unet, sahn_paper_no_msf),
+}
+
+
+def register_variants() -> None:
+    """Make the ablated variants creatable by name in this process (and, through the factories the
+    driver ships with each task, in Ray workers)."""
+    for _, *ablated in VARIANTS.values():
+        for factory in ablated:
+            register_method(factory.__name__, factory)
+
+
+def ablation_methods(scale: str) -> list[str]:
+    full, *ablated = VARIANTS[scale]
+    return [full] + [factory.__name__ for factory in ablated]
+
+
+def ablation_config(config: BenchmarkConfig) -> BenchmarkConfig:
+    """The full model and its two ablations at the config's scale when no methods are named."""
+    return dataclasses.replace(config, methods=list(config.methods) or ablation_methods(config.scale))
+
+
+def run_ablation(config: BenchmarkConfig) -> Path:
+    """Run the ablation as a benchmark; returns the report path."""
+    from pipelines.full_benchmark import run_benchmark
+
+    register_variants()
+    config = ablation_config(config)
+    if config.masks.bins != [ABLATION_BIN]:
+        print(f"note: scoring on {config.masks.bins}, the paper's Table 4 uses {ABLATION_BIN} only", file=sys.stderr)
+    if not any(name.endswith(("_no_unet", "_no_msf")) for name in config.methods):
+        raise UserError(f"--methods {' '.join(config.methods)}: no ablated variant; choose from "
+                        f"{', '.join(n for scale in VARIANTS for n in ablation_methods(scale))}")
+    return run_benchmark(config)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    register_variants()
+    return run_ablation(parse_config(BenchmarkConfig, argv, presets=PRESETS, default_preset="default",
+                                     description=__doc__))
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(sys.argv[1:]))
