@@ -13,6 +13,7 @@ dataclass and returns an :class:`InpaintingMethod`.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.metadata
@@ -115,7 +116,8 @@ class InpaintingMethod(nn.Module):
     def load_training_state(self, state: dict[str, Any]) -> None:
         load_state_dict_strict(self, state["state_dict"], what="training checkpoint")
         for key, opt_state in state["optimizers"].items():
-            self.optimizers[key].load_state_dict(opt_state)
+            # A copy: Adam keeps same-device tensors as given, which would tie two methods' moments.
+            self.optimizers[key].load_state_dict(copy.deepcopy(opt_state))
 
 
 # --------------------------------------------------------------------- checkpoint helpers

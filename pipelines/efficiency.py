@@ -30,6 +30,7 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -171,8 +172,18 @@ def measure_method(config: EfficiencyConfig, name: str) -> dict[str, Any]:
         "repeats": config.repeats, "peak_memory_MB": memory.megabytes, "memory_kind": memory.kind,
         "gflops_per_image": memory.value * factor / config.batch_size / 1e9,
         "throughput_batch": config.throughput_batch, "throughput_img_s": throughput, "scaled": scaling_note,
-        "torch": torch.__version__, "error": "",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": _load_average(),
+        "error": "",
     }
+
+
+def _load_average() -> float:
+    """The 1-minute load average when a method finished: on a shared machine other processes slow
+    OpenMP-parallel inference unevenly, and the table says how busy the machine was."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on every platform
+        return float("nan")
 
 
 def _failed_row(name: str, config: EfficiencyConfig, error: BaseException) -> dict[str, Any]:

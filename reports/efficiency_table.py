@@ -17,8 +17,6 @@ from reports.paper_compare import fmt, latex_grid, markdown_grid, write_text_ato
 PAPER_EFFICIENCY = Path(__file__).parent / "paper_data" / "efficiency_4_5.csv"
 DEFAULT_CSV = Path("efficiency") / "efficiency.csv"
 REFERENCE = "SAHN"
-#: the paper's §4.2 claim about DDNM, quoted beside our figures
-PAPER_CLAIM = "the paper: SAHN 3.9× faster than DDNM and 50% less memory (682 vs 178 ms on an RTX 4090)"
 
 
 def load_efficiency(path: Path) -> pd.DataFrame:
@@ -26,7 +24,7 @@ def load_efficiency(path: Path) -> pd.DataFrame:
     for column in ("paper_name", "scaled", "error", "device_name", "memory_kind"):
         if column not in frame.columns:
             frame[column] = ""
-        frame[column] = frame[column].fillna("")
+        frame[column] = ["" if pd.isna(value) else str(value) for value in frame[column]]
     return frame
 
 
@@ -46,6 +44,13 @@ def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}×"
 
 
+def _significant(value: float, digits: int = 3) -> str:
+    """Three significant digits: throughputs range from thousands to thousandths of images per second."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{float(value):.{digits}g}"
+
+
 def ours_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     reference = _reference_row(frame)
     ref_latency = None if reference is None else float(reference["latency_ms"])
@@ -59,9 +64,9 @@ def ours_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         if row["error"]:
             rows.append([name, device] + ["–"] * 7 + [f"failed: {row['error']}"])
             continue
-        rows.append([name, device, fmt(row["params_M"], 1), fmt(row["checkpoint_MB"], 0), fmt(row["latency_ms"], 0),
+        rows.append([name, device, fmt(row["params_M"], 1), fmt(row["checkpoint_MB"], 1), fmt(row["latency_ms"], 0),
                      _ratio(float(row["latency_ms"]), ref_latency), fmt(row["peak_memory_MB"], 0),
-                     fmt(row["gflops_per_image"], 1), fmt(row.get("throughput_img_s", float("nan")), 2),
+                     fmt(row["gflops_per_image"], 1), _significant(row.get("throughput_img_s", float("nan"))),
                      row["scaled"]])
     return header, rows
 
@@ -84,7 +89,7 @@ def paper_rows(frame: pd.DataFrame, paper: pd.DataFrame) -> tuple[list[str], lis
                                      "latency_ms": float("nan"), "device_name": "–"}])
         for _, ours in matches.iterrows():
             rows.append([entry["method"], ours["method"], fmt(entry["params_M"], 1), fmt(ours["params_M"], 1),
-                         fmt(entry["storage_MB"], 0), fmt(ours["checkpoint_MB"], 0), fmt(entry["latency_ms"], 0),
+                         fmt(entry["storage_MB"], 0), fmt(ours["checkpoint_MB"], 1), fmt(entry["latency_ms"], 0),
                          fmt(ours["latency_ms"], 0), ours["device_name"],
                          _ratio(float(entry["latency_ms"]), paper_ref_latency),
                          _ratio(float(ours["latency_ms"]), ours_ref_latency)])
@@ -100,8 +105,9 @@ def ddnm_claim(frame: pd.DataFrame) -> str | None:
     s, d = sahn.iloc[0], ddnm.iloc[0]
     speed = float(d["latency_ms"]) / float(s["latency_ms"])
     memory = float(d["peak_memory_MB"]) / float(s["peak_memory_MB"]) if float(s["peak_memory_MB"]) > 0 else float("nan")
-    return (f"Ours on {s['device_name']}: {s['method']} is {speed:.1f}× faster than {d['method']}, and "
-            f"{d['method']} takes {memory:.1f}× its peak memory ({PAPER_CLAIM}).")
+    return (f"Ours on {s['device_name']}: latency {d['method']} ÷ {s['method']} = {speed:.1f}× (the paper: 3.9×); "
+            f"peak memory {d['method']} ÷ {s['method']} = {memory:.2f}× (the paper: SAHN needs 50% less memory than "
+            "DDNM, i.e. 2×).")
 
 
 def notes(frame: pd.DataFrame) -> list[str]:
@@ -109,10 +115,16 @@ def notes(frame: pd.DataFrame) -> list[str]:
     lines = [f"Input {int(frame['image_size'].dropna().iloc[0])}², batch {int(frame['batch_size'].dropna().iloc[0])}; "
              "latency = median of the timed calls after warm-up (CUDA events on a GPU). Weights are random: "
              "cost does not depend on them.",
-             "Peak memory: " + ("; ".join(kinds) if kinds else "–") + ".",
+             "Peak memory: " + ("; ".join(kinds) if kinds else "–") + "."
+             + (" A CPU figure leaves out the weights loaded before the call (the CUDA "
+                "figure includes them)." if (frame["device"] == "cpu").any() else ""),
              "GFLOPs per image from torch's FlopCounterMode: convolutions and matrix products only (FFT, deformable "
              "convolution and element-wise work count 0), so a lower bound.",
              "Absolute times compare only on one device; the ratios to SAHN compare across devices."]
+    loads = frame["load_average"].dropna() if "load_average" in frame else pd.Series(dtype=float)
+    if not loads.empty and (frame["device"] == "cpu").any():
+        lines.append(f"Machine load (1-min average) while measuring: {loads.min():.1f}–{loads.max():.1f}; other "
+                     "processes on the same cores slow parallel CPU inference unevenly.")
     if (frame["scaled"] != "").any():
         lines.append("Rows with a note were timed with fewer sampler steps and scaled to the full count "
                      "(one-off costs scaled too: an upper bound).")

@@ -9,8 +9,8 @@ is not one. ``folder:`` datasets have no paper table.
 
 Every row is marked with the ways our protocol differs from the paper's (legend under each table):
 D stand-in dataset, R resolution other than 256², M free-form masks instead of the NVIDIA set,
-S a substitute pretrained network inside the method, T a training budget other than the paper's 10
-epochs, F FID unavailable offline. A paper value with a transcription note is marked [n].
+S a substitute pretrained network inside the method, T trained here with our budget (the paper: 10
+epochs), F FID unavailable offline. A paper value with a transcription note is marked [n].
 
 Table 4 (the ablation, ``python -m pipelines.ablation``) is rendered by :func:`table4_section`.
 
@@ -20,6 +20,7 @@ Also home to the two plain table renderers the report sections share (:func:`mar
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +50,7 @@ MARKS = {
     "R": "other resolution than the paper's 256²",
     "M": "seeded free-form masks instead of the NVIDIA irregular mask test set",
     "S": "a substitute pretrained network inside the method (the paper's could not be had offline)",
-    "T": "training budget other than the paper's 10 epochs",
+    "T": "trained here with our budget (steps × batch in cell.json); the paper trains 10 epochs",
     "F": "FID unavailable (no Inception weights offline): not compared",
 }
 
@@ -81,6 +82,16 @@ def _latex_cell(cell: str) -> str:
     return latex_text(cell)
 
 
+def latex_label(text: str) -> str:
+    """A ``\\label`` key: letters, digits and ``:.-`` only (an escaped ``\\_`` is not allowed in a key)."""
+    return re.sub(r"[^A-Za-z0-9:.-]", "-", text)
+
+
+def _latex_row(cells: Sequence[str]) -> str:
+    row = " & ".join(_latex_cell(str(c)) for c in cells)
+    return ("{}" + row if row.startswith("[") else row) + r" \\"  # "\\[" would read as a row skip length
+
+
 def markdown_grid(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
     """A GitHub Markdown table; ``align`` has one ``l``/``r`` per column (default: first left, rest right)."""
     align = align or "l" + "r" * (len(header) - 1)
@@ -96,10 +107,9 @@ def latex_grid(header: Sequence[str], rows: Sequence[Sequence[str]], caption: st
                align: str | None = None, notes: Sequence[str] = ()) -> str:
     """A booktabs table; every cell escaped (``**x**`` becomes bold); ``notes`` go under the rule."""
     align = align or "l" + "r" * (len(header) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(caption)}}}", rf"\label{{{latex_text(label)}}}",
-             rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(_latex_cell(h) for h in header) + r" \\",
-             r"\midrule"]
-    lines += [" & ".join(_latex_cell(str(c)) for c in row) + r" \\" for row in rows]
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(caption)}}}", rf"\label{{{latex_label(label)}}}",
+             rf"\begin{{tabular}}{{{align}}}", r"\toprule", _latex_row(header), r"\midrule"]
+    lines += [_latex_row(row) for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [rf"\par\footnotesize {latex_text(note)}" for note in notes]
     lines.append(r"\end{table}")

@@ -6,10 +6,12 @@ the ``per_dataset`` pairs whose ratio is closest to the middle of the bin, ties 
 same results therefore always give the same figure, and no method's good or bad cases are picked.
 
 Panels: the original image, the masked input (holes white, the paper's ``I_broken``), then the scored
-composite PNG of each method (``<cell>/images/<pair_id>.png``, written by the evaluation).
+composite PNG of each method (``<cell>/images/<pair_id>.png``, written by the evaluation), SAHN last as
+in the paper.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -39,15 +41,20 @@ def cell_manifest(cell) -> Manifest | None:
     folder = getattr(cell, "folder", None)
     if folder is None:
         return None
-    folder = Path(folder)
-    for parent in (folder.parent, folder.parent.parent):
+    return _manifest_near(str(Path(folder).resolve()), str(cell.record.get("manifest_digest")))
+
+
+@functools.lru_cache(maxsize=64)
+def _manifest_near(folder: str, digest: str) -> Manifest | None:
+    # Cached: every section asks for the manifests of the same cells, and a digest hashes every pair.
+    for parent in (Path(folder).parent, Path(folder).parent.parent):
         candidate = parent / "manifest"
         if (candidate / "manifest.json").is_file():
             try:
                 manifest = load_manifest(candidate)
             except UserError:
                 continue
-            if manifest.digest() == cell.record.get("manifest_digest"):
+            if manifest.digest() == digest:
                 return manifest
     return None
 
@@ -106,8 +113,8 @@ def _row_panels(cells: dict[str, object], columns: list[str], manifest: Manifest
 def _figure_rows(cells: Sequence, label: str, per_dataset: int) -> tuple[list[str], list[tuple[str, list]], list[str]]:
     """(column titles, [(row label, panels)], notes) for one bin: one column per method of any dataset."""
     datasets = list(dict.fromkeys(c.dataset for c in cells))
-    methods = list(dict.fromkeys(c.method for c in cells))
     paper_names = {c.method: c.record.get("paper_name") for c in cells}
+    methods = sorted(dict.fromkeys(c.method for c in cells), key=lambda m: paper_names[m] == "SAHN")  # ours last
     titles = ["original", "masked"] + [method_header(m, paper_names[m]) for m in methods]
     rows: list[tuple[str, list]] = []
     notes: list[str] = []

@@ -1,0 +1,162 @@
+"""Efficiency measurement (bench.profiling, pipelines.efficiency) on the CPU with tiny networks: every figure
+is finite and positive, FLOPs match a hand count, step scaling multiplies what it should."""
+import json
+import math
+import statistics
+from dataclasses import dataclass
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from bench import profiling
+from bench.methods import InpaintingMethod, apply_overrides, register_method, variant
+from pipelines.efficiency import EfficiencyConfig, measure_method, run_efficiency
+
+WORKSPACE_FLOATS = 16 * 2**20  # 64 MB: above glibc's largest mmap threshold, so always fresh pages
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
+
+
+# ------------------------------------------------------------------------------------------ bench.profiling
+def test_latency_times_each_repeat_after_the_warmup_calls():
+    net, x = tiny_net(), torch.rand(1, 3, 32, 32)
+    calls = []
+
+    def run():
+        calls.append(1)
+        with torch.no_grad():
+            net(x)
+
+    latency = profiling.measure_latency(run, device=x.device, warmup=2, repeats=3)
+    assert len(calls) == 5 and len(latency.runs_ms) == 3
+    assert all(math.isfinite(v) and v > 0 for v in latency.runs_ms)
+    assert latency.median_ms == statistics.median(latency.runs_ms)
+    with pytest.raises(ValueError):
+        profiling.measure_latency(run, device=x.device, repeats=0)
+
+
+def test_peak_memory_sees_what_the_call_allocates_and_passes_its_result_on():
+    def allocate():
+        workspace = torch.ones(WORKSPACE_FLOATS)  # written, so every page is resident
+        return float(workspace[-1])
+
+    memory = profiling.measure_peak_memory(allocate, device=torch.device("cpu"))
+    assert memory.value == 1.0
+    assert math.isfinite(memory.megabytes) and memory.megabytes >= 0.9 * WORKSPACE_FLOATS * 4 / 1e6
+    assert "RSS" in memory.kind
+
+
+def test_sampled_peak_memory_fallback_also_sees_the_allocation():
+    memory = profiling._peak_rss_sampled(lambda: torch.ones(WORKSPACE_FLOATS).sum())
+    assert memory.megabytes >= 0.5 * WORKSPACE_FLOATS * 4 / 1e6  # sampling may miss the last pages, not all
+
+
+def test_flops_match_the_hand_count_of_a_convolution_and_a_linear_layer():
+    conv, linear = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(20, 10)
+    x, v = torch.rand(2, 3, 16, 16), torch.rand(4, 20)
+    conv_macs = 2 * 8 * 16 * 16 * 3 * 3 * 3  # batch × out channels × output pixels × (in channels × 3 × 3)
+    linear_macs = 4 * 20 * 10
+    assert profiling.count_flops(lambda: conv(x)) == 2 * conv_macs
+    assert profiling.count_flops(lambda: linear(v)) == 2 * linear_macs
+
+
+def test_checkpoint_size_covers_the_float32_weights():
+    method = TinyMethod(TinyConfig())
+    size = profiling.checkpoint_size_mb(method)
+    weights_mb = sum(p.numel() for p in method.parameters()) * 4 / 1e6
+    assert weights_mb <= size < weights_mb + 0.1  # weights plus a small pickle header
+
+
+def test_device_name_names_the_processor():
+    name = profiling.device_name(torch.device("cpu"))
+    assert "cpu" in name and "threads" in name
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+@dataclass
+class TinyConfig:
+    channels: int = 8
+    steps: int = 4  # a sampler-like loop: inpaint runs the network this many times
+    workspace: bool = True
+
+
+class TinyMethod(InpaintingMethod):
+    """A two-convolution inpainter whose inference also fills a 64 MB workspace, so its peak memory
+    must show at least that."""
+
+    paper_name = "SAHN"
+
+    def __init__(self, config: TinyConfig):
+        super().__init__(config)
+        self.net = nn.Sequential(nn.Conv2d(4, config.channels, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(config.channels, 3, 3, padding=1))
+
+    def inpaint(self, images, masks):
+        if self.config.workspace:
+            torch.ones(WORKSPACE_FLOATS, device=images.device)
+        out = images
+        for _ in range(self.config.steps):
+            out = torch.sigmoid(self.net(torch.cat([out * (1 - masks), masks], dim=1)))
+        return out
+
+
+@variant(scale="tiny", paper_name="SAHN")
+def tiny_profiled(**overrides) -> TinyMethod:
+    return TinyMethod(apply_overrides(TinyConfig(), overrides))
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    register_method("tiny_profiled", tiny_profiled)
+
+
+def small_config(tmp_path, **changes) -> EfficiencyConfig:
+    values = dict(out=str(tmp_path / "efficiency"), methods=["tiny_profiled"], image_size=32, repeats=2,
+                  throughput_batch=2, throughput_warmup=0, isolate=False, device="cpu")
+    values.update(changes)
+    return EfficiencyConfig(**values)
+
+
+def test_every_figure_measured_on_cpu_is_finite_and_positive(tmp_path):
+    row = measure_method(small_config(tmp_path), "tiny_profiled")
+    for key in ("params_M", "checkpoint_MB", "latency_ms", "peak_memory_MB", "gflops_per_image", "throughput_img_s"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["peak_memory_MB"] >= 0.9 * WORKSPACE_FLOATS * 4 / 1e6
+    assert row["device"] == "cpu" and "cpu" in row["device_name"]
+    expected_params = sum(json.loads(row["params_by_network"]).values())
+    assert row["params_M"] == pytest.approx(expected_params / 1e6)
+    assert row["latency_ms"] == pytest.approx(statistics.median(json.loads(row["latency_runs_ms"])), rel=1e-3)
+
+
+def test_step_scaling_measures_fewer_steps_and_scales_time_and_flops(tmp_path):
+    full = measure_method(small_config(tmp_path, method_options={"tiny_profiled": {"workspace": False}}),
+                          "tiny_profiled")
+    scaled = measure_method(small_config(tmp_path, method_options={"tiny_profiled": {"workspace": False}},
+                                         step_scaling={"tiny_profiled": {"option": "steps", "measure": 1}}),
+                            "tiny_profiled")
+    assert scaled["scaled"] == "steps=1 measured, ×4 to steps=4"
+    assert scaled["gflops_per_image"] == pytest.approx(full["gflops_per_image"])  # 4 × one step = four steps
+    runs = json.loads(scaled["latency_runs_ms"])
+    assert scaled["latency_ms"] == pytest.approx(4 * statistics.median(runs), rel=1e-3)
+
+
+def test_run_writes_one_row_per_method_with_the_device_and_a_report(tmp_path):
+    csv_path = run_efficiency(small_config(tmp_path, methods=["tiny_profiled", "biharmonic"], repeats=1,
+                                           throughput_batch=0))
+    frame = pd.read_csv(csv_path)
+    assert list(frame["method"]) == ["tiny_profiled", "biharmonic"]
+    assert frame["device_name"].str.contains("cpu").all()
+    report = (csv_path.parent / "efficiency.md").read_text()
+    assert "RTX 4090" in report and "tiny_profiled" in report
+
+
+def test_bad_step_scaling_is_a_user_error(tmp_path):
+    from bench.errors import UserError
+
+    with pytest.raises(UserError, match="step_scaling.tiny_profiled"):
+        run_efficiency(small_config(tmp_path, step_scaling={"tiny_profiled": {"option": "steps"}}))
