@@ -30,7 +30,7 @@ from bench.errors import CheckpointError, NotTrainable, UserError
 
 ENTRY_POINT_GROUP = "sahn_bench.methods"
 CHECKPOINT_FORMAT = "sahn-bench/1"
-Scale = Literal["tiny", "paper", "any"]
+Scale = Literal["tiny", "paper", "any", "ablation"]  # "ablation": only when asked for by name
 
 
 class InpaintingMethod(nn.Module):

@@ -25,61 +25,25 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from bench.cli import parse_config, run_main
 from bench.config import BenchmarkConfig
 from bench.errors import UserError
-from bench.methods import InpaintingMethod, create_method, register_method, variant
-from reports.paper_compare import ABLATION_BIN, NO_MSF, NO_UNET
+from reports.paper_compare import ABLATION_BIN
 
 PRESETS = Path(__file__).parent / "presets" / "ablation"
 
-
-# ------------------------------------------------------------------------------------------ variants
-# Module-level constructors (not lambdas): Ray pickles the driver's factories by reference, and a worker
-# imports this module to find them.
-@variant(scale="tiny", paper_name=NO_UNET)
-def sahn_tiny_no_unet(**overrides: Any) -> InpaintingMethod:
-    """sahn_tiny without the U-Net skip connections."""
-    return create_method("sahn_tiny", **{"use_unet": False, **overrides})
-
-
-@variant(scale="tiny", paper_name=NO_MSF)
-def sahn_tiny_no_msf(**overrides: Any) -> InpaintingMethod:
-    """sahn_tiny with single-scale semantic fusion."""
-    return create_method("sahn_tiny", **{"use_msf": False, **overrides})
-
-
-@variant(scale="paper", paper_name=NO_UNET)
-def sahn_paper_no_unet(**overrides: Any) -> InpaintingMethod:
-    """sahn_paper without the U-Net skip connections."""
-    return create_method("sahn_paper", **{"use_unet": False, **overrides})
-
-
-@variant(scale="paper", paper_name=NO_MSF)
-def sahn_paper_no_msf(**overrides: Any) -> InpaintingMethod:
-    """sahn_paper with single-scale semantic fusion."""
-    return create_method("sahn_paper", **{"use_msf": False, **overrides})
-
-
+#: the full model and its two ablations per scale; the ablated variants are entry points of scale
+#: "ablation" (sahn/model.py), so the benchmark presets never pick them up by themselves
 VARIANTS = {
-    "tiny": ("sahn_tiny", sahn_tiny_no_unet, sahn_tiny_no_msf),
-    "paper": ("sahn_paper", sahn_paper_no_unet, sahn_paper_no_msf),
+    "tiny": ("sahn_tiny", "sahn_tiny_no_unet", "sahn_tiny_no_msf"),
+    "paper": ("sahn_paper", "sahn_paper_no_unet", "sahn_paper_no_msf"),
 }
 
 
-def register_variants() -> None:
-    """Make the ablated variants creatable by name in this process (and, through the factories the
-    driver ships with each task, in Ray workers)."""
-    for _, *ablated in VARIANTS.values():
-        for factory in ablated:
-            register_method(factory.__name__, factory)
-
-
 def ablation_methods(scale: str) -> list[str]:
-    full, *ablated = VARIANTS[scale]
-    return [full] + [factory.__name__ for factory in ablated]
+    return list(VARIANTS[scale])
 
 
 def ablation_config(config: BenchmarkConfig) -> BenchmarkConfig:
@@ -91,18 +55,16 @@ def run_ablation(config: BenchmarkConfig) -> Path:
     """Run the ablation as a benchmark; returns the report path."""
     from pipelines.full_benchmark import run_benchmark
 
-    register_variants()
     config = ablation_config(config)
     if config.masks.bins != [ABLATION_BIN]:
         print(f"note: scoring on {config.masks.bins}, the paper's Table 4 uses {ABLATION_BIN} only", file=sys.stderr)
     if not any(name.endswith(("_no_unet", "_no_msf")) for name in config.methods):
         raise UserError(f"--methods {' '.join(config.methods)}: no ablated variant; choose from "
-                        f"{', '.join(n for scale in VARIANTS for n in ablation_methods(scale))}")
+                        f"{', '.join(n for names in VARIANTS.values() for n in names)}")
     return run_benchmark(config)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    register_variants()
     return run_ablation(parse_config(BenchmarkConfig, argv, presets=PRESETS, default_preset="default",
                                      description=__doc__))
 

@@ -131,9 +131,17 @@ def _scaled_options(config: EfficiencyConfig, name: str) -> tuple[dict[str, Any]
 
 
 def measure_method(config: EfficiencyConfig, name: str) -> dict[str, Any]:
-    """Every figure of one method, as one row of efficiency.csv."""
+    """Every figure of one method, as one row of efficiency.csv (``--threads`` applies during the call)."""
+    previous = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _measure(config, name)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(config: EfficiencyConfig, name: str) -> dict[str, Any]:
     device = resolve_device(config.device)
     options, factor, scaling_note = _scaled_options(config, name)
     torch.manual_seed(config.seed)
@@ -168,6 +176,7 @@ def measure_method(config: EfficiencyConfig, name: str) -> dict[str, Any]:
         "device_name": profiling.device_name(device), "image_size": config.image_size,
         "batch_size": config.batch_size, "params_M": total / 1e6, "params_by_network": json.dumps(counts),
         "checkpoint_MB": profiling.checkpoint_size_mb(method), "latency_ms": latency.median_ms * factor,
+        "latency_measured_ms": latency.median_ms,
         "latency_runs_ms": json.dumps([round(v, 3) for v in latency.runs_ms]), "warmup": config.warmup,
         "repeats": config.repeats, "peak_memory_MB": memory.megabytes, "memory_kind": memory.kind,
         "gflops_per_image": memory.value * factor / config.batch_size / 1e9,

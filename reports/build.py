@@ -16,6 +16,7 @@ from typing import Sequence
 import pandas as pd
 
 from bench.masks import RATIO_BINS, bin_label
+from reports import efficiency_table, intervals, paper_compare, qualitative
 from reports.figures import loss_curves
 from bench.errors import UserError
 from reports.results import CellResult, combined_summary, find_cells
@@ -84,6 +85,11 @@ def write_report(cells: Sequence[CellResult], out: Path) -> Path:
         if figures:
             lines += [f"![Training losses on {dataset}]({figures[0].relative_to(out).as_posix()})", ""]
         lines += [f"LaTeX: `{tex.relative_to(out).as_posix()}`", ""]
+    lines += paper_compare.section(cells, out)
+    lines += paper_compare.table4_section(cells, out)
+    lines += intervals.section(cells, out)
+    lines += qualitative.section(cells, out)
+    lines += efficiency_table.section(out)
     lines += _provenance_section(cells)
     report = out / "report.md"
     tmp = report.with_name(".report.md.tmp")

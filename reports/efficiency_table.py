@@ -54,12 +54,14 @@ def _significant(value: float, digits: int = 3) -> str:
 def ours_rows(frame: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     reference = _reference_row(frame)
     ref_latency = None if reference is None else float(reference["latency_ms"])
-    batch = int(frame["throughput_batch"].dropna().iloc[0]) if "throughput_batch" in frame and frame["throughput_batch"].notna().any() else 0
+    batches = frame["throughput_batch"].dropna() if "throughput_batch" in frame else pd.Series(dtype=float)
+    batch = int(batches.iloc[0]) if not batches.empty else 0
     header = ["Method", "Device", "Params (M)", "Checkpoint (MB)", "Latency (ms)", "× SAHN", "Peak memory (MB)",
               "GFLOPs", f"Throughput (img/s, batch {batch})", "Note"]
     rows = []
     for _, row in frame.iterrows():
-        name = row["method"] + (f" ({row['paper_name']})" if row["paper_name"] and row["paper_name"] != row["method"] else "")
+        paper_name = row["paper_name"]
+        name = row["method"] + (f" ({paper_name})" if paper_name and paper_name != row["method"] else "")
         device = row["device_name"] or row.get("device", "")
         if row["error"]:
             rows.append([name, device] + ["–"] * 7 + [f"failed: {row['error']}"])

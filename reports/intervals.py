@@ -98,7 +98,8 @@ def interval_text(row: pd.Series) -> str:
             f"{row['high'] * scale:+.{digits}f}]{mark}")
 
 
-def interval_table(frame: pd.DataFrame, paper_names: dict[str, str | None], bins: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+def interval_table(frame: pd.DataFrame, paper_names: dict[str, str | None],
+                   bins: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) for one dataset: rows metric × bin (with N), one column per method."""
     methods = list(dict.fromkeys(frame["method"]))
     header = ["Metric", "Bin", "N"] + [method_header(m, paper_names.get(m)) for m in methods]

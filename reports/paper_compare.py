@@ -31,7 +31,7 @@ from bench.cell import parse_dataset
 from bench.suites import STANDS_IN_FOR
 from reports.qualitative import cell_manifest
 from reports.results import combined_summary, find_cells
-from reports.tables import STYLE, dataset_table, latex_escape, to_latex, to_markdown
+from reports.tables import STYLE, dataset_table, latex_escape, latex_label, to_latex, to_markdown
 
 PAPER_DATA = Path(__file__).parent / "paper_data" / "tables_1_to_4.csv"
 PAPER_TABLES = {"Paris StreetView": 1, "CelebA": 2, "Places2": 3}
@@ -58,7 +58,8 @@ MARKS = {
 # ------------------------------------------------------------------------------------------ renderers
 LATEX_EXTRA = {"Δ": r"$\Delta$", "†": r"\textsuperscript{\dag}", "²": r"\textsuperscript{2}", "±": r"$\pm$",
                "—": "---", "≥": r"$\geq$", "≤": r"$\leq$", "−": "-", "·": r"$\cdot$", "≈": r"$\approx$",
-               "→": r"$\rightarrow$", "µ": r"$\mu$", "…": r"\dots{}", "‘": "`", "’": "'", "“": "``", "”": "''"}
+               "→": r"$\rightarrow$", "µ": r"$\mu$", "…": r"\dots{}", "‘": "`", "’": "'", "“": "``",
+               "”": "''"}
 
 
 def latex_text(text: str) -> str:
@@ -82,11 +83,6 @@ def _latex_cell(cell: str) -> str:
     return latex_text(cell)
 
 
-def latex_label(text: str) -> str:
-    """A ``\\label`` key: letters, digits and ``:.-`` only (an escaped ``\\_`` is not allowed in a key)."""
-    return re.sub(r"[^A-Za-z0-9:.-]", "-", text)
-
-
 def _latex_row(cells: Sequence[str]) -> str:
     row = " & ".join(_latex_cell(str(c)) for c in cells)
     return ("{}" + row if row.startswith("[") else row) + r" \\"  # "\\[" would read as a row skip length
@@ -107,8 +103,9 @@ def latex_grid(header: Sequence[str], rows: Sequence[Sequence[str]], caption: st
                align: str | None = None, notes: Sequence[str] = ()) -> str:
     """A booktabs table; every cell escaped (``**x**`` becomes bold); ``notes`` go under the rule."""
     align = align or "l" + "r" * (len(header) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(caption)}}}", rf"\label{{{latex_label(label)}}}",
-             rf"\begin{{tabular}}{{{align}}}", r"\toprule", _latex_row(header), r"\midrule"]
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(caption)}}}",
+             rf"\label{{{latex_label(label)}}}", rf"\begin{{tabular}}{{{align}}}", r"\toprule", _latex_row(header),
+             r"\midrule"]
     lines += [_latex_row(row) for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [rf"\par\footnotesize {latex_text(note)}" for note in notes]
@@ -203,25 +200,37 @@ def comparison_rows(cells: Sequence, paper: pd.DataFrame, table: int, dataset: s
                     used |= set(marks)
                     paper_text = fmt(float(entry["value"]), style.digits)
                     if entry["note"]:
-                        notes.append(entry["note"])
-                        paper_text += f" [{len(notes)}]"
+                        if entry["note"] not in notes:
+                            notes.append(entry["note"])
+                        paper_text += f" [{notes.index(entry['note']) + 1}]"
                     difference = "n/c" if stand_in else fmt(ours - float(entry["value"]), style.digits, signed=True)
                     rows.append([style.header, label, entry["method"], cell.method, paper_text,
                                  fmt(ours, style.digits), difference, "".join(sorted(marks))])
     return rows, used, notes
 
 
-COMPARISON_HEADER = ["Metric", "Bin", "Paper column", "Ours", "Paper", "Ours", "Δ ours − paper", "Differs"]
+COMPARISON_HEADER = ["Metric", "Bin", "Paper column", "Our method", "Paper", "Ours", "Δ ours − paper", "Differs"]
+
+
+def mark_details(cells: Sequence, stand_in: bool) -> list[str]:
+    """One line per method of ours: what each of its marks stands for in its case."""
+    lines = []
+    for cell in dict((c.method, c) for c in cells).values():
+        marks = protocol_marks(cell, stand_in)
+        if marks:
+            lines.append(f"{cell.method}: " + "; ".join(f"{k} {v}" for k, v in sorted(marks.items())))
+    return lines
 
 
 def _render(rows, used, notes, caption: str, label: str, tex_path: Path, out: Path,
-            header: Sequence[str] = COMPARISON_HEADER) -> list[str]:
+            details: Sequence[str] = ()) -> list[str]:
+    header = COMPARISON_HEADER
     legend = _legend(used)
     note_lines = [f"[{i}] paper value: {note}" for i, note in enumerate(notes, start=1)]
     align = "l" * 4 + "r" * (len(header) - 5) + "l"
     write_text_atomic(latex_grid(header, rows, caption, label, align=align, notes=legend + note_lines), tex_path)
     lines = [markdown_grid(header, rows, align=align), ""]
-    lines += [f"- {line}" for line in legend + note_lines]
+    lines += [f"- {line}" for line in legend + note_lines + list(details)]
     return lines + ["", f"LaTeX: `{tex_path.relative_to(out).as_posix()}`", ""]
 
 
@@ -254,7 +263,8 @@ def section(cells: Sequence, out: Path) -> list[str]:
                       "only and no difference is computed.", ""]
         lines += _render(rows, used, notes, f"Table {table} ({paper_name}): paper vs ours on {dataset_label}",
                          f"tab:paper-vs-ours-{dataset_label}",
-                         out / "report" / "tables" / f"paper_vs_ours_{dataset_label}.tex", out)
+                         out / "report" / "tables" / f"paper_vs_ours_{dataset_label}.tex", out,
+                         details=mark_details([c for c in group if c.record.get("paper_name")], stand_in))
     if not shown:
         lines += ["No dataset of these results maps to one of the paper's tables (celeba, paris, places2 or "
                   "their embedded stand-ins).", ""]
@@ -324,8 +334,9 @@ def _table4_for_group(group: Sequence, out: Path, paper: pd.DataFrame) -> list[s
     rows, used, notes = table4_rows(group, paper)
     if rows:
         lines += ["Paper vs ours:", ""]
-        lines += _render(rows, used, notes, f"Table 4: paper vs ours on {dataset}", f"tab:paper-vs-ours-ablation-{dataset}",
-                         tables / f"paper_vs_ours_table4_{dataset}.tex", out)
+        lines += _render(rows, used, notes, f"Table 4: paper vs ours on {dataset}",
+                         f"tab:paper-vs-ours-ablation-{dataset}", tables / f"paper_vs_ours_table4_{dataset}.tex", out,
+                         details=mark_details(group, stand_in or paper_name != ABLATION_DATASET))
     full = next((c for c in group if c.record.get("paper_name") == "SAHN"), None)
     if full is not None:
         frame = interval_frame(group, reference=full.method, bins=(ABLATION_BIN,))

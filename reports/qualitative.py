@@ -161,7 +161,8 @@ def _draw(titles: list[str], rows: list[tuple[str, list]], title: str, path: Pat
     return written
 
 
-def qualitative_grids(cells: Sequence, figures_dir: Path, per_dataset: int = 1) -> tuple[list[tuple[int, str, Path]], list[str]]:
+def qualitative_grids(cells: Sequence, figures_dir: Path,
+                      per_dataset: int = 1) -> tuple[list[tuple[int, str, Path]], list[str]]:
     """Write one grid per paper figure bin; returns ([(figure number, bin, PNG path)], notes)."""
     usable = [c for c in cells if has_per_image(c)]
     written, notes = [], []

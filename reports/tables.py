@@ -5,6 +5,7 @@ Rendering is pure: a long frame in, Markdown or LaTeX (booktabs) text out.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -115,11 +116,16 @@ def latex_escape(text: str) -> str:
     return "".join(out)
 
 
+def latex_label(text: str) -> str:
+    """A \\label key: letters, digits, ':' and '-' only (escaping does not make a valid key)."""
+    return re.sub(r"[^A-Za-z0-9:-]+", "-", text)
+
+
 def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs table; every text cell is escaped, the best value per metric row is bold."""
     columns = list(table.columns)
     lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
-             rf"\label{{{latex_escape(label)}}}", r"\begin{tabular}{ll" + "r" * len(columns) + "}", r"\toprule",
+             rf"\label{{{latex_label(label)}}}", r"\begin{tabular}{ll" + "r" * len(columns) + "}", r"\toprule",
              "Metric & Bin & " + " & ".join(latex_escape(c) for c in columns) + r" \\", r"\midrule"]
     previous = None
     for (metric, label_), row in table.iterrows():

@@ -241,6 +241,27 @@ def sahn_tiny(**overrides: Any) -> SAHN:
     return SAHN(apply_overrides(SAHNConfig(**TINY), overrides))
 
 
+# Table 4 ablations. Scale "ablation" keeps them out of the default and paper benchmark presets.
+@variant(scale="ablation", paper_name="SAHN w/o U-Net")
+def sahn_tiny_no_unet(**overrides: Any) -> SAHN:
+    return sahn_tiny(**{"use_unet": False, **overrides})
+
+
+@variant(scale="ablation", paper_name="SAHN w/o multi-scale semantic fusion")
+def sahn_tiny_no_msf(**overrides: Any) -> SAHN:
+    return sahn_tiny(**{"use_msf": False, **overrides})
+
+
+@variant(scale="ablation", paper_name="SAHN w/o U-Net")
+def sahn_paper_no_unet(**overrides: Any) -> SAHN:
+    return sahn_paper(**{"use_unet": False, **overrides})
+
+
+@variant(scale="ablation", paper_name="SAHN w/o multi-scale semantic fusion")
+def sahn_paper_no_msf(**overrides: Any) -> SAHN:
+    return sahn_paper(**{"use_msf": False, **overrides})
+
+
 # --------------------------------------------------------------------- size report
 def checkpoint_bytes(method: InpaintingMethod) -> int:
     """Size of the harness checkpoint (weights only) as :meth:`InpaintingMethod.save` writes it."""

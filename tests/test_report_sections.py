@@ -303,15 +303,16 @@ def test_efficiency_section_says_how_to_measure_when_nothing_was(tmp_path):
 
 # ------------------------------------------------------------------------------------------ ablation variants
 def test_ablation_variants_switch_off_one_component_and_name_their_paper_column():
-    from bench.methods import create_method
-    from pipelines.ablation import ablation_config, ablation_methods, register_variants
     from bench.config import BenchmarkConfig
+    from bench.methods import available_methods, create_method
+    from pipelines.ablation import ablation_config, ablation_methods
 
-    register_variants()
     no_unet = create_method("sahn_tiny_no_unet", lr=1e-3)
     assert no_unet.name == "sahn_tiny_no_unet" and no_unet.paper_name == paper_compare.NO_UNET
     assert no_unet.config.use_unet is False and no_unet.config.use_msf is True and no_unet.config.lr == 1e-3
+    no_msf = create_method("sahn_tiny_no_msf")
+    assert no_msf.config.use_msf is False and no_msf.paper_name == paper_compare.NO_MSF
+    assert "sahn_tiny_no_unet" not in available_methods("tiny")  # never part of the benchmark presets
     assert ablation_methods("paper") == ["sahn_paper", "sahn_paper_no_unet", "sahn_paper_no_msf"]
     assert ablation_config(BenchmarkConfig(scale="tiny")).methods == ["sahn_tiny", "sahn_tiny_no_unet",
                                                                        "sahn_tiny_no_msf"]
-    assert create_method("sahn_tiny_no_msf").config.use_msf is False
