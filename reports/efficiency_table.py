@@ -140,7 +140,8 @@ def section(out: Path, csv_path: Path | None = None) -> list[str]:
     csv_path = Path(csv_path) if csv_path else out / DEFAULT_CSV
     lines = ["## Computational efficiency (§4.5)", ""]
     if not csv_path.is_file():
-        return lines + [f"No measurements: run `python -m pipelines.efficiency` (writes {csv_path}).", ""]
+        return lines + ["No measurements: run `python -m pipelines.efficiency` (it writes `efficiency/efficiency.csv` "
+                        "in the results folder).", ""]
     frame = load_efficiency(csv_path)
     paper = pd.read_csv(PAPER_EFFICIENCY, keep_default_na=False, na_values=[""])
     tables = out / "report" / "tables"

@@ -176,12 +176,25 @@ def test_relogging_the_same_cells_adds_no_runs_and_a_rerun_cell_gets_a_new_one(b
     assert [c.record["train_seconds"] for c in cells if c.method == "tiny_net"] == [9.0]  # the newest run wins
 
 
+# Sections drawn from files that MLflow does not hold (composites, manifests, efficiency.csv) say so when the
+# report is rebuilt from MLflow; every section built from tracked values must be identical.
+FOLDER_ONLY_SECTIONS = ("## Differences to SAHN", "## Qualitative comparison", "## Computational efficiency")
+
+
+def tracked_sections(report: str) -> list[str]:
+    sections = report.split("\n## ")
+    return [s for s in sections if not any(("## " + s).startswith(h) for h in FOLDER_ONLY_SECTIONS)]
+
+
 def test_report_from_mlflow_equals_report_from_the_folder(benchmark_folder, tmp_path):
     tracker = log_folder(benchmark_folder)
     from_folder = build_report(benchmark_folder)
     from_mlflow = build_report_from_mlflow(tracker.uri, "bench", tmp_path / "from-mlflow")
-    assert from_mlflow.read_text() == from_folder.read_text()
+    assert tracked_sections(from_mlflow.read_text()) == tracked_sections(from_folder.read_text())
+    assert len(tracked_sections(from_folder.read_text())) >= 3  # title, the dataset table, provenance
     for tex in sorted((benchmark_folder / "report" / "tables").glob("*.tex")):
+        if tex.name.startswith(("intervals", "efficiency")):  # from per-image files and efficiency.csv
+            continue
         assert (tmp_path / "from-mlflow" / "report" / "tables" / tex.name).read_text() == tex.read_text()
     assert (tmp_path / "from-mlflow" / "report" / "figures" / "losses_faces.png").exists()
     assert "1 finished" not in from_folder.read_text() and "2 finished cells" in from_folder.read_text()
@@ -244,7 +257,7 @@ def test_a_real_mlflow_server_serves_the_runs_back_over_http(benchmark_folder, t
         assert len(client.get_metric_history(trained.info.run_id, "loss/l1")) == 3
         assert "per_image.csv" in {a.path for a in client.list_artifacts(trained.info.run_id)}
         report = build_report_from_mlflow(url, "bench", tmp_path / "over-http")
-        assert report.read_text() == build_report(benchmark_folder).read_text()
+        assert tracked_sections(report.read_text()) == tracked_sections(build_report(benchmark_folder).read_text())
     finally:
         os.killpg(server.pid, 15)
         try:
