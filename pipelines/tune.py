@@ -87,7 +87,7 @@ DATA_TAG_PREFIX = "sahn.data."  # what a trial trained and scored on (reported b
 
 COMPLETED, STOPPED_EARLY, FAILED = "completed", "stopped_early", "failed"
 # Options that may change between an interrupted search and its re-run (where it runs, how it prints).
-RESUMABLE_CHANGES = ("resources.ray_address", "verbose")
+RESUMABLE_CHANGES = ("resources.ray_address", "verbose", "snapshot_seconds")
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -239,9 +239,8 @@ def _domain(name: str, values: list[float], sampling: str, searcher: str) -> Any
 
 def param_space(space: SearchSpace, searcher: str) -> dict[str, Any]:
     """Tune's ``param_space``: one entry per searched option of the method's config."""
-    return {name: _domain(name, _values(space, name), space.alpha_sampling if name == "alpha" else space.weight_sampling,
-                          searcher)
-            for name in SEARCHED}
+    sampling = {name: space.alpha_sampling if name == "alpha" else space.weight_sampling for name in SEARCHED}
+    return {name: _domain(name, _values(space, name), sampling[name], searcher) for name in SEARCHED}
 
 
 def expected_trials(config: TuneConfig) -> int:
@@ -438,8 +437,8 @@ class TrialRuns(Callback):
         """The trial's run (created on first use) and the last step logged to it."""
         if trial.trial_id in self._runs:
             return self._runs[trial.trial_id]
-        found = list(search_runs(self.client, self.experiment_id,
-                                 f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"))
+        query = f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+        found = list(search_runs(self.client, self.experiment_id, query))
         if found:
             run_id = found[0].info.run_id
             if found[0].info.status != "RUNNING":
@@ -449,7 +448,8 @@ class TrialRuns(Callback):
         else:
             tags = {PARENT_TAG: self.parent_run_id, ROLE_TAG: TRIAL_ROLE, TRIAL_ID_TAG: trial.trial_id,
                     GIT_COMMIT_TAG: self.git_commit, "sahn.trial_path": str(trial.path)}
-            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial {trial.trial_id}").info.run_id
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial {trial.trial_id}")
+            run_id = run.info.run_id
             params = {**self.run_params, **{safe_name(k): json.dumps(v) for k, v in trial.config.items()}}
             from mlflow.entities import Param
 
@@ -458,7 +458,26 @@ class TrialRuns(Callback):
         self._runs[trial.trial_id] = (run_id, last)
         return run_id, last
 
+    # Tune's hooks. A tracking failure (a server gone away) is a warning, not the end of the search: the
+    # trials' results stay in the Tune experiment and in trials.csv / curves.csv.
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._safely(self.log_result, trial, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._safely(self.finish, trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._safely(self.finish, trial, "FAILED")
+
+    def _safely(self, log: Callable[..., None], *args: Any) -> None:
+        try:
+            log(*args)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure
+            print(f"warning: MLflow logging of trial {args[0].trial_id} failed ({type(exc).__name__}: "
+                  f"{_first_line(str(exc))})", file=sys.stderr)
+
+    def log_result(self, trial: Any, result: dict) -> None:
+        """The validation metrics and mean losses of one report, at its training step (once per step)."""
         from mlflow.entities import Metric
 
         run_id, last = self.run_of(trial)
@@ -477,15 +496,13 @@ class TrialRuns(Callback):
                     self.client.set_tag(run_id, DATA_TAG_PREFIX + key[len("data_"):], str(value))
         self._runs[trial.trial_id] = (run_id, step)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def finish(self, trial: Any, status: str) -> None:
         run_id, last = self.run_of(trial)
-        self.client.set_tag(run_id, STOPPED_EARLY_TAG, str(last < self.total_steps).lower())
-        self.client.set_terminated(run_id, "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id, _ = self.run_of(trial)
-        self.client.set_tag(run_id, ERROR_TAG, _first_line(getattr(trial, "error_msg", None) or "failed"))
-        self.client.set_terminated(run_id, "FAILED")
+        if status == "FAILED":
+            self.client.set_tag(run_id, ERROR_TAG, _first_line(getattr(trial, "error_msg", None) or "failed"))
+        else:
+            self.client.set_tag(run_id, STOPPED_EARLY_TAG, str(last < self.total_steps).lower())
+        self.client.set_terminated(run_id, status)
 
 
 def _first_line(text: str) -> str:
@@ -607,8 +624,12 @@ def trial_tables(grid: Any, config: TuneConfig) -> tuple[pd.DataFrame, pd.DataFr
         params = {name: result.config.get(name) for name in SEARCHED}
         rows.append({"trial_id": trial_id, "status": status, "step": step, **params,
                      **{name: last.get(name, float("nan")) for name in METRIC_MODES},
+                     "restored_from_step": (result.metrics or {}).get("restored_from_step", 0),
                      "error": _first_line(str(result.error)) if result.error else ""})
-        curves += [{"trial_id": trial_id, **params, **report} for report in curve]
+        for report in curve:
+            losses = {key: value for key, value in report.items() if key.startswith("loss_")}
+            curves.append({"trial_id": trial_id, **params, "step": report["step"],
+                           **{name: report.get(name) for name in METRIC_MODES}, **losses})
     return pd.DataFrame(rows), pd.DataFrame(curves)
 
 

@@ -25,6 +25,20 @@ from reports.tables import PAPER_BINS, dataset_table, latex_escape, to_latex, to
 SIX_BINS = tuple(bin_label(lo, hi) for lo, hi in RATIO_BINS) + ("All",)
 
 
+def _sensitivity_section(out: Path) -> list[str]:
+    """The Ray Tune search's sensitivity figure, from ``<out>-tune/trials.csv`` (python -m pipelines.tune)."""
+    from reports.sensitivity import sensitivity_figure
+
+    trials = out.parent / f"{out.name}-tune" / "trials.csv"
+    lines = ["## Sensitivity to α and the loss weights (Ray Tune)", ""]
+    if not trials.is_file():
+        return lines + [f"No search results: run `python -m pipelines.tune --out {out.name}-tune`.", ""]
+    figures = sensitivity_figure(pd.read_csv(trials), "psnr", out / "report" / "figures" / "sensitivity")
+    lines += [f"Validation PSNR of every trial of the search in `{trials.parent.name}` (validation split, never "
+              "the test pairs); hollow markers: trials stopped early by ASHA.", ""]
+    return lines + [f"![Sensitivity]({figures[0].relative_to(out).as_posix()})", ""] if figures else lines
+
+
 def _provenance_section(cells: list[CellResult]) -> list[str]:
     lines = ["## Networks behind the numbers", ""]
     networks: dict[str, str] = {}
@@ -90,6 +104,7 @@ def write_report(cells: Sequence[CellResult], out: Path) -> Path:
     lines += intervals.section(cells, out)
     lines += qualitative.section(cells, out)
     lines += efficiency_table.section(out)
+    lines += _sensitivity_section(out)
     lines += _provenance_section(cells)
     report = out / "report.md"
     tmp = report.with_name(".report.md.tmp")

@@ -23,7 +23,7 @@ PARAMETERS = {"alpha": "α (L_prior hole weight)", "w_rec": "w1 (reconstruction)
 METRIC_LABELS = {"psnr": "validation PSNR (dB), higher is better", "ssim": "validation SSIM, higher is better",
                  "mae": "validation MAE, lower is better"}
 METRIC_NAMES = {"psnr": "PSNR", "ssim": "SSIM", "mae": "MAE"}
-CATEGORICAL_LIMIT = 6  # options with at most this many distinct values also get their per-value mean
+CATEGORICAL_LIMIT = 6  # options with at most this many distinct, repeated values also get their per-value mean
 LOG_SPAN = 5.0  # an axis spanning at least this ratio (all values > 0) is drawn logarithmic
 FAILED = "failed"
 STOPPED_EARLY = "stopped_early"
@@ -46,7 +46,9 @@ def _draw_panel(axis, values: pd.Series, scores: pd.Series, early: pd.Series, la
     if hollow.any():
         axis.scatter(values[hollow], scores[hollow], s=28, facecolors="none", edgecolors="tab:blue",
                      label="stopped early (fewer steps)", zorder=3)
-    if 1 < len(distinct) <= CATEGORICAL_LIMIT and full.any():
+    # A choice among a few values (values repeat): the per-value mean shows the trend. Continuous samples
+    # never repeat, and a "mean" of one trial per value would only redraw the points.
+    if 1 < len(distinct) <= CATEGORICAL_LIMIT and len(distinct) < len(values) and full.any():
         means = scores[full].groupby(values[full]).mean()
         axis.plot(means.index, means.to_numpy(), color="tab:orange", linewidth=1.2, marker="_", markersize=12,
                   label="mean (every step)", zorder=2)
