@@ -32,7 +32,7 @@ def _sensitivity_section(out: Path) -> list[str]:
     trials = out.parent / f"{out.name}-tune" / "trials.csv"
     lines = ["## Sensitivity to α and the loss weights (Ray Tune)", ""]
     if not trials.is_file():
-        return lines + [f"No search results: run `python -m pipelines.tune --out {out.name}-tune`.", ""]
+        return lines + ["No search results: run `python -m pipelines.tune` (its folder `<results>-tune` is read).", ""]
     figures = sensitivity_figure(pd.read_csv(trials), "psnr", out / "report" / "figures" / "sensitivity")
     lines += [f"Validation PSNR of every trial of the search in `{trials.parent.name}` (validation split, never "
               "the test pairs); hollow markers: trials stopped early by ASHA.", ""]
