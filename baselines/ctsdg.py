@@ -700,19 +700,13 @@ TINY = CTSDGConfig(encoder_channels=(16, 32, 64, 64, 64), encoder_kernels=(7, 5,
                    discriminator_channels=16, edge_detector_channels=8)
 
 
-def _build(name: str, base: CTSDGConfig, overrides: dict[str, Any]) -> CTSDG:
-    method = CTSDG(apply_overrides(base, overrides))
-    method.name = name
-    return method
-
-
 @variant(scale="paper", paper_name="CTSDG")
 def ctsdg(**overrides: Any) -> CTSDG:
     """The official sizes: generator 52,147,789 and discriminator 5,531,729 parameters; official preprocessing."""
-    return _build("ctsdg", CTSDGConfig(), overrides)
+    return CTSDG(apply_overrides(CTSDGConfig(), overrides))
 
 
 @variant(scale="tiny", paper_name="CTSDG")
 def ctsdg_tiny(**overrides: Any) -> CTSDG:
     """CPU-sized CTSDG for 64² images: fewer channels and levels, the official layout, inputs and losses."""
-    return _build("ctsdg_tiny", TINY, overrides)
+    return CTSDG(apply_overrides(TINY, overrides))

@@ -431,19 +431,13 @@ def _vgg19_depth(layer: str) -> tuple[int, int]:
 TINY = EdgeConnectConfig(base_channels=16, residual_blocks=2, discriminator_channels=16)
 
 
-def _build(name: str, base: EdgeConnectConfig, overrides: dict[str, Any]) -> EdgeConnect:
-    method = EdgeConnect(apply_overrides(base, overrides))
-    method.name = name
-    return method
-
-
 @variant(scale="paper", paper_name="EC")
 def ec(**overrides: Any) -> EdgeConnect:
     """The official sizes: G1 10,761,089, G2 10,774,595, D1 2,762,752, D2 2,763,776 parameters."""
-    return _build("ec", EdgeConnectConfig(), overrides)
+    return EdgeConnect(apply_overrides(EdgeConnectConfig(), overrides))
 
 
 @variant(scale="tiny", paper_name="EC")
 def ec_tiny(**overrides: Any) -> EdgeConnect:
     """CPU-sized EdgeConnect: the official layout, inference path and losses with fewer channels and blocks."""
-    return _build("ec_tiny", TINY, overrides)
+    return EdgeConnect(apply_overrides(TINY, overrides))

@@ -32,7 +32,7 @@ from torchvision.models.resnet import Bottleneck
 
 from bench.errors import CheckpointError, UserError, WeightsUnavailable
 from bench.weights import resolve_weights
-from bench.methods import (CHECKPOINT_FORMAT, InpaintingMethod, apply_overrides, load_state_dict_strict,
+from bench.methods import (InpaintingMethod, apply_overrides, load_state_dict_strict,
                            safe_torch_load, variant)
 
 #: generator output channels / input channels (masked RGB + mask), as configs/training/generator/*.yaml
@@ -675,20 +675,8 @@ class LaMa(InpaintingMethod):
         return {key: float(value.detach()) for key, value in {**generator_losses, **discriminator_losses}.items()}
 
     # ----------------------------------------------------------------- checkpoints
-    def load(self, path) -> "LaMa":
-        """A sahn-bench checkpoint (strict), or the official release: a big-lama folder or its ``best.ckpt``."""
-        path = Path(path)
-        if not path.exists():
-            raise UserError(f"checkpoint not found: {path}")
-        path = official_checkpoint_file(path)
-        payload = load_checkpoint_inertly(path)
-        if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-            load_state_dict_strict(self, payload["state_dict"], what=str(path))
-        else:
-            self.load_official_payload(payload, path)
-        return self
-
     def load_official(self, path: Path) -> None:
+        """The official release: a big-lama folder or its ``best.ckpt`` (Lightning, foreign globals inert)."""
         path = official_checkpoint_file(Path(path))
         self.load_official_payload(load_checkpoint_inertly(path), path)
 

@@ -30,6 +30,7 @@ from bench.cell import CellSpec, cell_train_config, read_done, run_cell
 from bench.config import BenchmarkConfig, ResourceConfig
 from bench.errors import UserError
 from bench.methods import get_factory, register_method
+from bench.step_board import StepBoard
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # cells exchange only small records: keep shared memory small
 MAX_RETRIES = 3  # re-runs of a cell whose worker or node died
@@ -178,19 +179,6 @@ def _step_reporter(board: Any, key: str, total: int) -> Callable[[int, dict[str,
     return report
 
 
-class StepBoard:
-    """A tiny actor holding the latest training step of every running cell, for the driver's bars."""
-
-    def __init__(self) -> None:
-        self.steps: dict[str, int] = {}
-
-    def report(self, key: str, steps_done: int) -> None:
-        self.steps[key] = steps_done
-
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.steps)
-
-
 def submit_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], board: Any,
                  max_retries: int = MAX_RETRIES) -> dict[Any, CellSpec]:
     """One Ray task per cell with the config's resource request; returns {object ref: cell}."""
@@ -203,13 +191,24 @@ def submit_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], board: Any,
     return {task.remote(config, cell, factories, board): cell for cell in cells}
 
 
-def start_board() -> Any:
-    """The training-step board (an actor) on the driver's node: if that node goes, the driver is gone anyway."""
+_BOARDS: dict[tuple[str, str], Any] = {}  # (driver's node, job) -> the board of that Ray job
+
+
+def step_board() -> Any:
+    """The training-step board (:class:`bench.step_board.StepBoard`) of this Ray job, created at the first
+    call on the driver's node (if that node goes, the driver is gone anyway) and reused by later calls:
+    starting an actor starts a worker process, which would compete with the first cells for the CPUs.
+    The handle is kept because dropping it would end the actor; the actor ends with the job."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-    return ray.remote(num_cpus=0)(StepBoard).options(scheduling_strategy=here).remote()
+    context = ray.get_runtime_context()
+    key = (context.get_node_id(), context.get_job_id())  # node ids are new in every cluster; job ids are not
+    if key not in _BOARDS:
+        here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=True)
+        _BOARDS.clear()  # boards of earlier jobs or clusters ended with them
+        _BOARDS[key] = ray.remote(num_cpus=0)(StepBoard).options(scheduling_strategy=here).remote()
+    return _BOARDS[key]
 
 
 # ------------------------------------------------------------------------------------ the driver loop
@@ -219,8 +218,6 @@ def run_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], *, on_done: On
 
     Cells finished earlier are read back without a task. ``on_done`` runs in the driver as each cell
     finishes (in completion order); the outcomes are returned in the order of ``cells``."""
-    import ray
-
     outcomes: dict[CellSpec, CellOutcome] = {}
     bar = tqdm(total=len(cells), desc="cells", unit="cell", dynamic_ncols=True, disable=not progress)
 
@@ -238,13 +235,11 @@ def run_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], *, on_done: On
         else:
             todo.append(cell)
     if todo:
-        board = start_board()
+        board = step_board()
         pending = submit_cells(config, todo, board, max_retries=max_retries)
         try:
             failures = _drive(pending, board, config, finish, progress)
         finally:
-            with contextlib.suppress(Exception):  # the board is a courtesy; it may already be gone
-                ray.kill(board)
             bar.close()
         if failures:
             raise _failure(failures)

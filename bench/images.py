@@ -30,6 +30,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -40,10 +41,11 @@ from bench.errors import UserError
 CROPS = ("center", "celeba", "resize")
 CELEBA_CROP_SIDE = 178
 PNG_COMPRESS_LEVEL = 1
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # What Pillow raises on damaged data varies by codec; all of these mean "the bytes are bad".
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+Decoded = TypeVar("Decoded")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -61,52 +63,49 @@ def read_image(path: str | os.PathLike, *, size: int | None = None, crop: str = 
 
 
 def _decode_rgb(path: Path) -> Image.Image:
-    _require_strict_decoding()
-    _check_readable_file(path)
+    return decode_image(path, "image", lambda image: _to_rgb(image, path))
+
+
+def decode_image(path: Path, kind: str, convert: Callable[[Image.Image], Decoded]) -> Decoded:
+    """``convert`` of the file's first frame, decoded strictly and turned upright (EXIF orientation).
+
+    Every way a file can be unusable (missing, a folder, empty, unreadable, unrecognised, truncated,
+    corrupt, a decompression bomb, or a value ``convert`` refuses) is one :class:`UserError` naming the
+    file; ``kind`` ("image", "mask") is the word the messages use for it.
+    """
+    # With this flag on, Pillow pads a truncated file with grey and returns it as if it were fine.
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError(f"PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; sahn-bench refuses "
+                           f"to read {kind}s that way because truncated files would be scored")
     try:
+        if path.is_dir():
+            raise UserError(f"{path}: is a folder, not a file")
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: {kind} file is empty (0 bytes)")
         with open(path, "rb") as handle, Image.open(handle) as image:
             image.load()
             if image.width == 0 or image.height == 0:
-                raise UserError(f"{path}: image has zero size ({image.width}x{image.height})")
-            oriented = ImageOps.exif_transpose(image)
-            return _to_rgb(oriented, path)
+                raise UserError(f"{path}: {kind} has zero size ({image.width}x{image.height})")
+            return convert(ImageOps.exif_transpose(image))
     except UserError:
         raise
+    except FileNotFoundError:
+        raise UserError(f"{path}: {kind} file does not exist") from None
     except PermissionError:
-        raise UserError(f"{path}: cannot be read (permission denied)") from None
+        raise UserError(f"{path}: {kind} file cannot be read (permission denied)") from None
     except UnidentifiedImageError:
         raise UserError(f"{path}: not a readable image (unrecognised format, damaged header or zero size)") from None
     except Image.DecompressionBombError as exc:
         raise UserError(f"{path}: too many pixels to decode safely ({exc})") from None
     except _DECODE_ERRORS as exc:
-        raise UserError(f"{path}: corrupt or truncated image ({_one_line(exc)})") from None
-
-
-def _require_strict_decoding() -> None:
-    # With this flag on, Pillow pads a truncated file with grey and returns it as if it were fine.
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; sahn-bench "
-                           "refuses to read images that way because truncated files would be scored")
-
-
-def _check_readable_file(path: Path) -> None:
-    try:
-        if path.is_dir():
-            raise UserError(f"{path}: is a folder, not an image file")
-        byte_count = path.stat().st_size
-    except FileNotFoundError:
-        raise UserError(f"{path}: image file does not exist") from None
-    except PermissionError:
-        raise UserError(f"{path}: cannot be read (permission denied)") from None
-    if byte_count == 0:
-        raise UserError(f"{path}: image file is empty (0 bytes)")
+        raise UserError(f"{path}: corrupt or truncated {kind} file ({_one_line(exc)})") from None
 
 
 def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image.copy()
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
         return _grey_to_rgb(_sixteen_bit_to_uint8(np.asarray(image), path))
     if mode == "F":
         return _grey_to_rgb(_unit_float_to_uint8(np.asarray(image), path))

@@ -64,9 +64,7 @@ import json
 import math
 import os
 import re
-import struct
 import warnings
-import zlib
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -74,9 +72,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from bench.errors import UserError
+from bench.images import SIXTEEN_BIT_MODES, decode_image
 
 # ----------------------------------------------------------------------------- ratio bins
 RATIO_BINS: tuple[tuple[float, float], ...] = (
@@ -151,10 +150,6 @@ class MaskNotBinaryWarning(MaskWarning):
     """The mask file holds more than two levels (e.g. JPEG) or 0/1 values; it was binarised."""
 
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
-
-
 def _check_size(size: int) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"mask size must be a positive integer, got {size!r}")
@@ -199,36 +194,12 @@ def _load_mask(path: Path, size: int | None) -> tuple[np.ndarray, list[tuple[typ
 
 def _decode_levels(path: Path) -> np.ndarray:
     """Luminance of the file's first frame as float64 in [0, 1]."""
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; sahn-bench refuses "
-                           "to read masks that way because truncated files would be scored")
-    try:
-        if path.is_dir():
-            raise UserError(f"{path}: is a folder, not a mask file")
-        if path.stat().st_size == 0:
-            raise UserError(f"{path}: mask file is empty (0 bytes)")
-        with open(path, "rb") as handle, Image.open(handle) as image:
-            image.load()
-            if image.width == 0 or image.height == 0:
-                raise UserError(f"{path}: mask has zero size ({image.width}x{image.height})")
-            return _luminance(ImageOps.exif_transpose(image), path)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: mask file does not exist") from None
-    except PermissionError:
-        raise UserError(f"{path}: mask file cannot be read (permission denied)") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not a readable image (unrecognised format or damaged header)") from None
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"{path}: too many pixels to decode safely ({exc})") from None
-    except _DECODE_ERRORS as exc:
-        raise UserError(f"{path}: corrupt or truncated mask file ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    return decode_image(path, "mask", lambda image: _luminance(image, path))
 
 
 def _luminance(image: Image.Image, path: Path) -> np.ndarray:
     mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
         values = np.asarray(image).astype(np.float64)
         if values.min() < 0 or values.max() > 65535:
             raise UserError(f"{path}: integer mask values outside the 16-bit range [0, 65535]")

@@ -16,11 +16,10 @@ from torch import nn
 from bench.errors import WeightsUnavailable
 from bench.features import (FeatureExtractor, InceptionFID, Lite0Pooled, inception_fid_extractor, lite0_distance,
                             lite0_extractor, lpips_metric)
-from bench.metrics import mae, psnr, ssim
+from bench.metrics import pixel_metrics
 
-#: per-image metrics that need no network
-PIXEL_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "psnr": psnr, "ssim": ssim, "mae": mae}
+#: per-image metrics that need no network (:func:`bench.metrics.pixel_metrics`)
+PIXEL_METRICS = ("psnr", "ssim", "mae")
 
 
 class Scorer:
@@ -62,7 +61,7 @@ class Scorer:
     def per_image(self, pred_u8: torch.Tensor, gt_u8: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{metric: float64 [B]}``: psnr, ssim, mae, then lpips and lite0_dist when available."""
         pred_u8, gt_u8 = self._placed(pred_u8), self._placed(gt_u8)
-        scores = {name: metric(pred_u8, gt_u8) for name, metric in PIXEL_METRICS.items()}
+        scores = pixel_metrics(pred_u8, gt_u8)
         scores.update({name: distance(pred_u8, gt_u8) for name, distance in self._distances.items()})
         return scores
 

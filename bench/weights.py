@@ -148,19 +148,19 @@ def resolve_weights(key: str, path: str | os.PathLike | None = None, *, download
     return _download(spec, cached)
 
 
-_FAILED: dict[str, str] = {}  # url -> reason: a process tries each URL once
+_FAILED: dict[str, str] = {}  # url -> why it is unavailable: a process tries each URL once
 
 
 def _download(spec: WeightsSpec, target: Path) -> ResolvedWeights:
-    if spec.url in _FAILED:
-        raise WeightsUnavailable(f"{spec.key} unavailable: download failed earlier in this process ({_FAILED[spec.url]})")
+    if spec.url in _FAILED:  # the same words as the first time, so every result records the real reason
+        raise WeightsUnavailable(_FAILED[spec.url])
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(spec.url, str(target), hash_prefix=None, progress=True)
     except Exception as exc:  # offline: DNS/connection errors; keep the reason, do not retry
-        _FAILED[spec.url] = f"{type(exc).__name__}: {exc}"
-        raise WeightsUnavailable(f"{spec.key} unavailable: cannot download {spec.url} "
-                                 f"({_FAILED[spec.url]}); pass an explicit weights path") from exc
+        _FAILED[spec.url] = (f"{spec.key} unavailable: cannot download {spec.url} ({type(exc).__name__}: {exc}); "
+                             "pass an explicit weights path")
+        raise WeightsUnavailable(_FAILED[spec.url]) from exc
     try:
         return _verified(spec, target, "download")
     except WeightsUnavailable:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,12 +16,12 @@ from typing import Sequence
 
 import pandas as pd
 
+from bench.errors import UserError
 from bench.masks import RATIO_BINS, bin_label
 from reports import efficiency_table, intervals, paper_compare, qualitative
 from reports.figures import loss_curves
-from bench.errors import UserError
 from reports.results import CellResult, combined_summary, find_cells
-from reports.tables import PAPER_BINS, dataset_table, latex_escape, to_latex, to_markdown
+from reports.tables import PAPER_BINS, dataset_table, to_latex, to_markdown
 
 SIX_BINS = tuple(bin_label(lo, hi) for lo, hi in RATIO_BINS) + ("All",)
 
@@ -33,10 +34,19 @@ def _sensitivity_section(out: Path) -> list[str]:
     lines = ["## Sensitivity to α and the loss weights (Ray Tune)", ""]
     if not trials.is_file():
         return lines + ["No search results: run `python -m pipelines.tune` (its folder `<results>-tune` is read).", ""]
-    figures = sensitivity_figure(pd.read_csv(trials), "psnr", out / "report" / "figures" / "sensitivity")
-    lines += [f"Validation PSNR of every trial of the search in `{trials.parent.name}` (validation split, never "
+    metric = _searched_metric(trials.parent)
+    figures = sensitivity_figure(pd.read_csv(trials), metric, out / "report" / "figures" / "sensitivity")
+    lines += [f"Validation {metric.upper()} of every trial of the search in `{trials.parent.name}` (validation split, never "
               "the test pairs); hollow markers: trials stopped early by ASHA.", ""]
     return lines + [f"![Sensitivity]({figures[0].relative_to(out).as_posix()})", ""] if figures else lines
+
+
+def _searched_metric(search_folder: Path) -> str:
+    """The validation metric the search optimised, from its ``search.json`` (PSNR for older searches)."""
+    record = search_folder / "search.json"
+    if not record.is_file():
+        return "psnr"
+    return json.loads(record.read_text()).get("identity", {}).get("metric", "psnr")
 
 
 def _provenance_section(cells: list[CellResult]) -> list[str]:

@@ -1,7 +1,9 @@
 """Efficiency measurement (bench.profiling, pipelines.efficiency) on the CPU with tiny networks: every figure
 is finite and positive, FLOPs match a hand count, step scaling multiplies what it should."""
+import concurrent.futures
 import json
 import math
+import multiprocessing
 import statistics
 from dataclasses import dataclass
 
@@ -40,24 +42,37 @@ def test_latency_times_each_repeat_after_the_warmup_calls():
         profiling.measure_latency(run, device=x.device, repeats=0)
 
 
-@pytest.mark.xfail(strict=False, reason="peak RSS inside the long-lived pytest process: memory freed by earlier "
-                   "tests is reused, so the RSS may not grow (pipelines.efficiency measures in a fresh process)")
-def test_peak_memory_sees_what_the_call_allocates_and_passes_its_result_on():
+def in_fresh_process(function, *args):
+    """``function(*args)`` in a spawned interpreter. A process's peak RSS only grows, and pytest's has grown
+    through every earlier test, so memory figures are taken where ``pipelines.efficiency`` takes them."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def peak_of_a_workspace(sampled: bool) -> tuple[float, float, str]:
     def allocate():
         workspace = torch.ones(WORKSPACE_FLOATS)  # written, so every page is resident
         return float(workspace[-1])
 
-    memory = profiling.measure_peak_memory(allocate, device=torch.device("cpu"))
-    assert memory.value == 1.0
-    assert math.isfinite(memory.megabytes) and memory.megabytes >= 0.9 * WORKSPACE_FLOATS * 4 / 1e6
-    assert "RSS" in memory.kind
+    if sampled:
+        memory = profiling._peak_rss_sampled(allocate)
+    else:
+        memory = profiling.measure_peak_memory(allocate, device=torch.device("cpu"))
+    return memory.value, memory.megabytes, memory.kind
 
 
-@pytest.mark.xfail(strict=False, reason="peak RSS inside the long-lived pytest process: memory freed by earlier "
-                   "tests is reused, so the RSS may not grow (pipelines.efficiency measures in a fresh process)")
+def test_peak_memory_sees_what_the_call_allocates_and_passes_its_result_on():
+    value, megabytes, kind = in_fresh_process(peak_of_a_workspace, False)
+    assert value == 1.0
+    assert math.isfinite(megabytes) and megabytes >= 0.9 * WORKSPACE_FLOATS * 4 / 1e6
+    assert "RSS" in kind
+
+
 def test_sampled_peak_memory_fallback_also_sees_the_allocation():
-    memory = profiling._peak_rss_sampled(lambda: torch.ones(WORKSPACE_FLOATS).sum())
-    assert memory.megabytes >= 0.5 * WORKSPACE_FLOATS * 4 / 1e6  # sampling may miss the last pages, not all
+    value, megabytes, kind = in_fresh_process(peak_of_a_workspace, True)
+    assert value == 1.0 and "sampled" in kind
+    assert megabytes >= 0.5 * WORKSPACE_FLOATS * 4 / 1e6  # sampling may miss the last pages, not all
 
 
 def test_flops_match_the_hand_count_of_a_convolution_and_a_linear_layer():
@@ -128,10 +143,13 @@ def small_config(tmp_path, **changes) -> EfficiencyConfig:
     return EfficiencyConfig(**values)
 
 
-@pytest.mark.xfail(strict=False, reason="its peak-RSS figure is 0 when pytest's process reuses memory freed by earlier "
-                   "tests (pipelines.efficiency measures in a fresh process); passes when run alone")
+def measure_tiny_method(config: EfficiencyConfig) -> dict:
+    register_method("tiny_profiled", tiny_profiled)  # this runs in a fresh process: register there too
+    return measure_method(config, "tiny_profiled")
+
+
 def test_every_figure_measured_on_cpu_is_finite_and_positive(tmp_path):
-    row = measure_method(small_config(tmp_path), "tiny_profiled")
+    row = in_fresh_process(measure_tiny_method, small_config(tmp_path))
     for key in ("params_M", "checkpoint_MB", "latency_ms", "peak_memory_MB", "gflops_per_image", "throughput_img_s"):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["peak_memory_MB"] >= 0.9 * WORKSPACE_FLOATS * 4 / 1e6
