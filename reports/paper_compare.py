@@ -359,7 +359,7 @@ def table4_section(cells: Sequence, out: Path, ablation_dir: Path | None = None)
         folder = Path(ablation_dir) if ablation_dir else out.resolve().with_name(out.resolve().name + "-ablation")
         if folder.is_dir() and any(folder.rglob("cell.json")):
             groups = ablation_groups(find_cells(folder))
-            source = f" (from `{folder}`)"
+            source = f" (from `{folder.name}`)"
     lines = ["## Ablation (Table 4)" + source, ""]
     if not groups:
         return lines + ["No ablation results: run `python -m pipelines.ablation` (SAHN without the U-Net and "
