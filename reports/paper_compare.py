@@ -20,7 +20,6 @@ Also home to the two plain table renderers the report sections share (:func:`mar
 from __future__ import annotations
 
 import math
-import re
 import unicodedata
 from pathlib import Path
 from typing import Sequence
@@ -212,11 +211,11 @@ def comparison_rows(cells: Sequence, paper: pd.DataFrame, table: int, dataset: s
 COMPARISON_HEADER = ["Metric", "Bin", "Paper column", "Our method", "Paper", "Ours", "Δ ours − paper", "Differs"]
 
 
-def mark_details(cells: Sequence, stand_in: bool) -> list[str]:
-    """One line per method of ours: what each of its marks stands for in its case."""
+def mark_details(cells: Sequence, stand_in: bool, used: set[str]) -> list[str]:
+    """One line per method of ours: what each of its marks that the table uses stands for in its case."""
     lines = []
     for cell in dict((c.method, c) for c in cells).values():
-        marks = protocol_marks(cell, stand_in)
+        marks = {key: value for key, value in protocol_marks(cell, stand_in).items() if key in used}
         if marks:
             lines.append(f"{cell.method}: " + "; ".join(f"{k} {v}" for k, v in sorted(marks.items())))
     return lines
@@ -264,7 +263,7 @@ def section(cells: Sequence, out: Path) -> list[str]:
         lines += _render(rows, used, notes, f"Table {table} ({paper_name}): paper vs ours on {dataset_label}",
                          f"tab:paper-vs-ours-{dataset_label}",
                          out / "report" / "tables" / f"paper_vs_ours_{dataset_label}.tex", out,
-                         details=mark_details([c for c in group if c.record.get("paper_name")], stand_in))
+                         details=mark_details([c for c in group if c.record.get("paper_name")], stand_in, used))
     if not shown:
         lines += ["No dataset of these results maps to one of the paper's tables (celeba, paris, places2 or "
                   "their embedded stand-ins).", ""]
@@ -336,7 +335,7 @@ def _table4_for_group(group: Sequence, out: Path, paper: pd.DataFrame) -> list[s
         lines += ["Paper vs ours:", ""]
         lines += _render(rows, used, notes, f"Table 4: paper vs ours on {dataset}",
                          f"tab:paper-vs-ours-ablation-{dataset}", tables / f"paper_vs_ours_table4_{dataset}.tex", out,
-                         details=mark_details(group, stand_in or paper_name != ABLATION_DATASET))
+                         details=mark_details(group, stand_in or paper_name != ABLATION_DATASET, used))
     full = next((c for c in group if c.record.get("paper_name") == "SAHN"), None)
     if full is not None:
         frame = interval_frame(group, reference=full.method, bins=(ABLATION_BIN,))

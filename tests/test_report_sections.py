@@ -253,6 +253,7 @@ def test_table4_renders_the_ablation_beside_the_paper(tmp_path):
     assert "Not the paper's data" in text
     assert f"{paper_value(4, 'PSNR', '(0.5,0.6]', paper_compare.NO_UNET):.2f}" in text
     assert "variant − sahn_tiny" in text
+    assert "no Inception weights" not in text  # Table 4 has no FID row: neither the F mark nor its detail
     for name in ("table4_facades.tex", "paper_vs_ours_table4_facades.tex", "ablation_intervals_facades.tex"):
         assert_compile_safe((out / "report" / "tables" / name).read_text())
 
@@ -264,7 +265,8 @@ def test_table4_section_reads_the_sibling_ablation_folder(tmp_path):
     write_cell(ablation / "facades" / "a", base_record("a", paper_compare.NO_MSF, "facades", "x"), pairs)
     write_cell(ablation / "facades" / "f", base_record("f", "SAHN", "facades", "x"), pairs)
     lines = md_lines(paper_compare.table4_section([], main))
-    assert "results-ablation" in lines[0] and any("f (SAHN)" in line for line in lines)
+    assert "`results-ablation`" in lines[0] and str(tmp_path) not in lines[0]  # portable: the name, not the path
+    assert any("f (SAHN)" in line for line in lines)
     assert any("pipelines.ablation" in line for line in paper_compare.table4_section([], tmp_path / "elsewhere"))
 
 
