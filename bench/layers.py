@@ -101,25 +101,6 @@ def deformable_conv3x3(in_channels: int, out_channels: int, *, dilation: int = 1
 
 
 # --------------------------------------------------------------------- residual blocks
-class ResnetBlock(nn.Module):
-    """x + IN(conv3(ReLU(IN(conv3_dilated(x))))) with reflection padding (EdgeConnect's block)."""
-
-    def __init__(self, channels: int, dilation: int = 1):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.ReflectionPad2d(dilation),
-            nn.Conv2d(channels, channels, kernel_size=3, dilation=dilation),
-            nn.InstanceNorm2d(channels),
-            nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1),
-            nn.Conv2d(channels, channels, kernel_size=3),
-            nn.InstanceNorm2d(channels),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
 class ShortcutResBlock(nn.Module):
     """Residual block from ``in_channels`` to ``out_channels``; the shortcut is a 1×1 conv when they differ.
 
@@ -141,6 +122,14 @@ class ShortcutResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.shortcut(x) + self.body(x)
+
+
+class ResnetBlock(ShortcutResBlock):
+    """x + IN(conv3(ReLU(IN(conv3_dilated(x))))) with reflection padding (EdgeConnect's block): the
+    :class:`ShortcutResBlock` whose widths agree, so its shortcut is the identity."""
+
+    def __init__(self, channels: int, dilation: int = 1):
+        super().__init__(channels, channels, dilation)
 
 
 class PixelShuffleUp(nn.Module):

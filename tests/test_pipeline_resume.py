@@ -12,23 +12,13 @@ import psutil
 import pytest
 
 from pipelines.full_benchmark import run_benchmark
-from tiny_methods import config_from_dict, ensure_local_ray, tiny_config_dict, write_folder_dataset
+from tiny_methods import config_from_dict, ensure_local_ray, tiny_config_dict, wait_for, write_folder_dataset
 
 pytestmark = pytest.mark.timeout(420)
 
 DRIVER = Path(__file__).with_name("tiny_methods.py")
 METHODS = ("diffusion_fill", "tiny_trainer")
 PATH_COLUMNS = ["image", "mask", "output"]  # differ between output folders by construction
-
-
-def wait_for(condition, seconds: float, driver: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if driver.poll() is not None:
-            raise AssertionError(f"the driver exited ({driver.returncode}) early:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
 
 
 def results(out: Path) -> dict[str, object]:
@@ -64,7 +54,7 @@ def test_killing_the_driver_and_rerunning_gives_the_tables_of_an_uninterrupted_r
         driver = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
         try:
             finished = out / "folder-data" / "diffusion_fill" / "cell.json"
-            wait_for(lambda: finished.exists() and marker.exists(), 300, driver, log)
+            wait_for(lambda: finished.exists() and marker.exists(), driver, log, seconds=300)
         finally:
             driver.kill()  # SIGKILL: no handler, no cleanup — a crashed or killed driver
             driver.wait(timeout=30)

@@ -29,7 +29,7 @@ from pipelines.tune import (COMPLETED, FAILED, PRESETS, STOPPED_EARLY, AshaConfi
                             TuneConfig, ValidationConfig, check_config, choose_best, chunk_losses, expected_trials,
                             param_space, run_search)
 from reports.sensitivity import sensitivity_figure
-from tiny_methods import empty_mlflow_store, ensure_local_ray
+from tiny_methods import empty_mlflow_store, ensure_local_ray, wait_for
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -351,16 +351,6 @@ def test_killing_the_driver_and_rerunning_resumes_the_trials_from_their_checkpoi
     for run in trials:
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/psnr")] == [2, 4]  # no duplicates
-
-
-def wait_for(condition, driver: subprocess.Popen, log: Path, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if driver.poll() is not None:
-            raise AssertionError(f"the driver exited ({driver.returncode}) early:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds} s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
 
 
 if __name__ != "__main__":

@@ -182,12 +182,25 @@ def config_from_dict(values: dict):
     return from_dict(BenchmarkConfig, values)
 
 
+def wait_for(condition, driver, log: Path, seconds: float = 300) -> None:
+    """Poll ``condition`` while the driver subprocess runs; fail with the end of its log if it exits or
+    ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if driver.poll() is not None:
+            raise AssertionError(f"the driver exited ({driver.returncode}) early:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
 if __name__ != "__main__":
     import ray.cloudpickle
 
     # The driver ships method factories to Ray workers (bench.distributed); workers have no tests/ on
     # their path, so the factory and its classes travel as code, not as an import.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
 
 if __name__ == "__main__":
     from bench.cli import run_main
