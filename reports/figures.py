@@ -1,6 +1,7 @@
 """Figures from tracked results (matplotlib, headless)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -8,6 +9,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+
+def save_figure(figure, base: Path, dpi: int) -> list[Path]:
+    """``base`` + ``.png`` and ``.pdf``, each written atomically (a failure leaves no half-written figure);
+    closes the figure and returns the two paths."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for suffix in (".png", ".pdf"):
+            target = base.parent / (base.name + suffix)
+            partial = target.with_name(f".{target.name}.tmp")
+            figure.savefig(partial, dpi=dpi, format=suffix[1:])
+            os.replace(partial, target)
+            written.append(target)
+    finally:
+        plt.close(figure)
+    return written
 
 
 def loss_curves(histories: dict[str, pd.DataFrame], title: str, path: Path, smooth: int = 10) -> list[Path]:
@@ -34,11 +52,4 @@ def loss_curves(histories: dict[str, pd.DataFrame], title: str, path: Path, smoo
         axis.axis("off")
     figure.suptitle(title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in (".png", ".pdf"):
-        target = path.with_suffix(suffix)
-        figure.savefig(target, dpi=120)
-        written.append(target)
-    plt.close(figure)
-    return written
+    return save_figure(figure, path, dpi=120)

@@ -26,6 +26,7 @@ from bench.errors import UserError  # noqa: E402
 from bench.images import read_image  # noqa: E402
 from bench.manifest import Manifest, load_manifest  # noqa: E402
 from bench.masks import in_bin, parse_bin  # noqa: E402
+from reports.figures import save_figure  # noqa: E402
 from reports.tables import method_header  # noqa: E402
 
 #: the paper's Figures 6, 7 and 8: breakage rates 0–20%, 20–40%, 40–60%
@@ -151,14 +152,7 @@ def _draw(titles: list[str], rows: list[tuple[str, list]], title: str, path: Pat
                 axis.set_ylabel(row_label, fontsize=7)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in (".png", ".pdf"):
-        target = path.with_suffix(suffix)
-        figure.savefig(target, dpi=150)
-        written.append(target)
-    plt.close(figure)
-    return written
+    return save_figure(figure, path, dpi=150)
 
 
 def qualitative_grids(cells: Sequence, figures_dir: Path,

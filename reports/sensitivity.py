@@ -6,7 +6,6 @@ than the others, so it is drawn hollow: its value is not comparable with a fully
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from reports.figures import save_figure  # noqa: E402
 
 #: searched option → axis label (the paper's names: α of L_prior, w1..w4 of the total loss)
 PARAMETERS = {"alpha": "α (L_prior hole weight)", "w_rec": "w1 (reconstruction)", "w_fm": "w2 (feature matching)",
@@ -97,13 +98,4 @@ def sensitivity_figure(trials: pd.DataFrame, metric: str, out_base: Path) -> lis
                                          for name in fixed)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for suffix in (".png", ".pdf"):
-        target = out_base.parent / (out_base.name + suffix)
-        partial = target.with_name(f".{target.name}.tmp")
-        figure.savefig(partial, dpi=120, format=suffix[1:])
-        os.replace(partial, target)  # a failure leaves no half-written figure
-        written.append(target)
-    plt.close(figure)
-    return written
+    return save_figure(figure, out_base, dpi=120)
