@@ -31,8 +31,9 @@ SSIM
     the hole, so only windows touching the hole are computed: the SSIM map is cut into 32×32 tiles,
     tiles whose 42×42 input patch holds no differing pixel count as exactly 1, and the others are
     filtered in float32 on values centred at 127.5 (variances are differences of large squares; the
-    centring keeps them accurate) with float64 sums. The separable Gaussian filter of a tile is two
-    matrix products with a banded matrix, which CPUs and GPUs run fastest.
+    centring keeps them accurate); each tile's deficits ``1 - SSIM`` are summed in float32 and the tiles'
+    sums in float64. The separable Gaussian filter of a tile is two matrix products with a banded
+    matrix, which CPUs and GPUs run fastest.
 MAE
     Mean absolute difference over all pixels and channels on the [0,1] scale (``|a-b|/255``).
     Tables print it ×10⁻¹ like the seed paper, with the unit in the header.
@@ -117,28 +118,34 @@ def _absolute_differences(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.maximum(pred, gt).sub_(torch.minimum(pred, gt))
 
 
-def _psnr_of(differences: torch.Tensor) -> torch.Tensor:
-    values = differences.flatten(1).to(torch.int32)
-    squared_sum = values.mul_(values).sum(dim=1, dtype=torch.int64)  # exact integer sum
-    mse = squared_sum.double() / values.shape[1]
-    return (10.0 * torch.log10(DATA_RANGE**2 / mse)).clamp(max=PSNR_CAP)  # mse 0 gives inf, clipped
+def _squared_and_absolute_sums(differences: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the sums of ``d²`` and ``|d|`` over all pixels and channels: exact, because every term
+    and partial sum is an integer below 2⁵³ in float64."""
+    values = differences.reshape(len(differences), -1).double()
+    return (values * values).sum(dim=1), values.sum(dim=1)
 
 
-def _mae_of(differences: torch.Tensor) -> torch.Tensor:
-    values = differences.flatten(1)
-    return values.sum(dim=1, dtype=torch.int64).double() / (values.shape[1] * DATA_RANGE)  # exact integer sum
+def _psnr_from(squared_sum: torch.Tensor, count: int) -> torch.Tensor:
+    return (10.0 * torch.log10(DATA_RANGE**2 * count / squared_sum)).clamp(max=PSNR_CAP)  # 0 gives inf, clipped
+
+
+def _mae_from(absolute_sum: torch.Tensor, count: int) -> torch.Tensor:
+    return absolute_sum / (count * DATA_RANGE)
 
 
 def psnr(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB on [0,255] RGB, clipped at :data:`PSNR_CAP`; float64 ``[B]``."""
-    _check_pair(pred, gt)
-    return torch.cat([_psnr_of(_absolute_differences(p, g)) for p, g in _chunks(pred, gt)])
+    return pixel_metrics(pred, gt, ("psnr",))["psnr"]
 
 
 def mae(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Per-image mean absolute error on the [0,1] scale over all pixels and channels; float64 ``[B]``."""
-    _check_pair(pred, gt)
-    return torch.cat([_mae_of(_absolute_differences(p, g)) for p, g in _chunks(pred, gt)])
+    return pixel_metrics(pred, gt, ("mae",))["mae"]
+
+
+def ssim(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM (Wang et al.; conventions in the module docstring); float64 ``[B]``."""
+    return pixel_metrics(pred, gt, ("ssim",))["ssim"]
 
 
 def gaussian_kernel_1d(sigma: float = SSIM_SIGMA, radius: int = SSIM_RADIUS,
@@ -166,6 +173,7 @@ class _SSIMTiling:
         self.outputs = (height - 2 * SSIM_RADIUS) * (width - 2 * SSIM_RADIUS)  # valid SSIM values per channel
         self.rows = -(-(height - 2 * SSIM_RADIUS) // SSIM_TILE)
         self.cols = -(-(width - 2 * SSIM_RADIUS) // SSIM_TILE)
+        self.per_image = self.rows * self.cols
         # zeros on the right and bottom complete the last tiles; their outputs are masked out
         self.padding = (0, self.cols * SSIM_TILE + 2 * SSIM_RADIUS - width,
                         0, self.rows * SSIM_TILE + 2 * SSIM_RADIUS - height)
@@ -173,46 +181,52 @@ class _SSIMTiling:
         valid = torch.zeros(self.rows * SSIM_TILE, self.cols * SSIM_TILE, device=device)
         valid[:height - 2 * SSIM_RADIUS, :width - 2 * SSIM_RADIUS] = 1
         # per tile, transposed: the second matrix product leaves each filtered tile transposed
-        self.valid = valid.view(self.rows, SSIM_TILE, self.cols, SSIM_TILE).permute(0, 2, 3, 1).flatten(0, 1)
+        self.valid = valid.view(self.rows, SSIM_TILE, self.cols, SSIM_TILE).permute(0, 2, 3, 1).reshape(
+            self.per_image, 1, SSIM_TILE, SSIM_TILE)
 
-    def patches(self, images: torch.Tensor) -> torch.Tensor:
-        """``[n·rows·cols, ..., patch, patch]``: every tile's input patch, images first, tiles row-major."""
-        padded = F.pad(images, self.padding)
-        tiles = padded.unfold(-2, self.patch, SSIM_TILE).unfold(-2, self.patch, SSIM_TILE)  # [n,...,r,c,P,P]
-        tiles = tiles.movedim((-4, -3), (1, 2)) if images.dim() == 4 else tiles
-        return tiles.flatten(0, 2)
+    def active_tiles(self, differs: torch.Tensor) -> torch.Tensor:
+        """Indices ``image·per_image + tile`` of the tiles whose input patch holds a nonzero of ``differs [n,H,W]``."""
+        padded = F.pad(differs, self.padding)
+        per_tile = padded.unfold(-1, self.patch, SSIM_TILE).amax(-1).unfold(-2, self.patch, SSIM_TILE).amax(-1)
+        return per_tile.flatten().nonzero().squeeze(1)
+
+    def patches(self, pair: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """``[2, len(tiles), C, patch, patch]``: the input patches of ``tiles`` in both images of ``pair [2,n,C,H,W]``."""
+        padded = F.pad(pair, self.padding)
+        every = padded.unfold(-2, self.patch, SSIM_TILE).unfold(-2, self.patch, SSIM_TILE).movedim((-4, -3), (2, 3))
+        return every.reshape(2, -1, pair.shape[2], self.patch, self.patch).index_select(1, tiles)
 
 
-def _ssim_deficits(pred: torch.Tensor, gt: torch.Tensor, differs: torch.Tensor, tiling: _SSIMTiling) -> torch.Tensor:
+def _ssim_deficits(pred: torch.Tensor, gt: torch.Tensor, differences: torch.Tensor, tiling: _SSIMTiling) -> torch.Tensor:
     """Per image of the chunk, the sum over channels and valid outputs of ``1 - SSIM``; float64 ``[n]``."""
     count, channels = len(pred), pred.shape[1]
     deficits = torch.zeros(count, dtype=torch.float64, device=pred.device)
-    active = tiling.patches(differs).flatten(1).any(dim=1).nonzero().squeeze(1)
+    active = tiling.active_tiles(differences.amax(dim=1))
     if not len(active):
         return deficits
     side, tile = tiling.patch, SSIM_TILE
     moments = torch.empty((4, len(active), channels, side, side), dtype=torch.float32, device=pred.device)
-    x, y = moments[0], moments[1]
-    torch.sub(tiling.patches(pred).index_select(0, active), SSIM_CENTRE, out=x)
-    torch.sub(tiling.patches(gt).index_select(0, active), SSIM_CENTRE, out=y)
-    torch.mul(x, x, out=moments[2]).addcmul_(y, y)  # x² + y²: SSIM needs only σx² + σy²
-    torch.mul(x, y, out=moments[3])
+    torch.sub(tiling.patches(torch.stack((pred, gt)), active), SSIM_CENTRE, out=moments[:2])
+    x, y, squares, products = moments
+    torch.mul(x, x, out=squares).addcmul_(y, y)  # x² + y²: SSIM needs only σx² + σy²
+    torch.mul(x, y, out=products)
     rows_filtered = (moments.view(-1, side) @ tiling.banded).view(-1, side, tile)
     filtered = (rows_filtered.transpose(1, 2).reshape(-1, side) @ tiling.banded).view(4, len(active), channels, tile, tile)
     mean_x, mean_y, mean_squares, mean_xy = filtered  # of the centred values
     c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
     # In place from here on: these maps dominate the memory traffic.
     product = mean_x * mean_y
-    squares = mean_x.square().add_(mean_y.square())
+    squares = torch.mul(mean_x, mean_x).addcmul_(mean_y, mean_y)
     contrast_structure = mean_xy.sub_(product).mul_(2).add_(c2)  # 2σxy + C2
     variances = mean_squares.sub_(squares).add_(c2)  # σx² + σy² + C2
     # Luminance of the uncentred means (μ + c): 2μxμy + C1 and μx² + μy² + C1 share 2c(μx+μy) + 2c².
     shared = mean_x.add_(mean_y).mul_(2 * SSIM_CENTRE).add_(2 * SSIM_CENTRE**2 + c1)
-    luminance = product.mul_(2).add_(shared)
-    ssim_map = luminance.mul_(contrast_structure).div_(squares.add_(shared).mul_(variances))
-    deficit_map = ssim_map.neg_().add_(1).mul_(tiling.valid[active % (tiling.rows * tiling.cols)].unsqueeze(1))
-    return deficits.index_add_(0, active // (tiling.rows * tiling.cols),
-                               deficit_map.flatten(1).sum(dim=1, dtype=torch.float64))
+    numerator = product.mul_(2).add_(shared).mul_(contrast_structure)
+    denominator = squares.add_(shared).mul_(variances)
+    deficit_map = denominator.sub(numerator).div_(denominator).mul_(tiling.valid.index_select(0, active % tiling.per_image))
+    # float32 sums of at most C·SSIM_TILE² values per tile, float64 across tiles
+    per_tile = deficit_map.view(len(active), -1).sum(dim=1).double()
+    return deficits.index_add_(0, active // tiling.per_image, per_tile)
 
 
 def _check_ssim_size(pred: torch.Tensor) -> None:
@@ -221,31 +235,30 @@ def _check_ssim_size(pred: torch.Tensor) -> None:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {height}x{width}")
 
 
-def _ssim_of(pred: torch.Tensor, gt: torch.Tensor, differences: torch.Tensor, tiling: _SSIMTiling) -> torch.Tensor:
-    differs = differences.amax(dim=1) > 0  # [n,H,W]: any channel differs
-    return 1.0 - _ssim_deficits(pred, gt, differs, tiling) / (pred.shape[1] * tiling.outputs)
-
-
-def ssim(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM (Wang et al.; conventions in the module docstring); float64 ``[B]``."""
+def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor,
+                  names: tuple[str, ...] = ("psnr", "ssim", "mae")) -> dict[str, torch.Tensor]:
+    """``{name: float64 [B]}`` for ``names`` among psnr, ssim and mae, each as the module docstring defines
+    it, computed together chunk by chunk from the same absolute differences."""
     _check_pair(pred, gt)
-    _check_ssim_size(pred)
-    tiling = _SSIMTiling(*pred.shape[-2:], pred.device)
-    return torch.cat([_ssim_of(p, g, _absolute_differences(p, g), tiling) for p, g in _chunks(pred, gt)])
-
-
-def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{"psnr", "ssim", "mae"}`` of the pairs at once, each as its own function computes it, sharing
-    the absolute differences of each chunk."""
-    _check_pair(pred, gt)
-    _check_ssim_size(pred)
-    tiling = _SSIMTiling(*pred.shape[-2:], pred.device)
-    scores: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "mae": []}
+    unknown = set(names) - {"psnr", "ssim", "mae"}
+    if unknown:
+        raise ValueError(f"unknown pixel metrics {sorted(unknown)}; choose among psnr, ssim, mae")
+    if "ssim" in names:
+        _check_ssim_size(pred)
+        tiling = _SSIMTiling(*pred.shape[-2:], pred.device)
+    count = pred[0].numel()
+    scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for p, g in _chunks(pred, gt):
         differences = _absolute_differences(p, g)
-        scores["psnr"].append(_psnr_of(differences))
-        scores["ssim"].append(_ssim_of(p, g, differences, tiling))
-        scores["mae"].append(_mae_of(differences))
+        if "psnr" in names or "mae" in names:
+            squared_sum, absolute_sum = _squared_and_absolute_sums(differences)
+            if "psnr" in names:
+                scores["psnr"].append(_psnr_from(squared_sum, count))
+            if "mae" in names:
+                scores["mae"].append(_mae_from(absolute_sum, count))
+        if "ssim" in names:
+            deficits = _ssim_deficits(p, g, differences, tiling)
+            scores["ssim"].append(1.0 - deficits / (p.shape[1] * tiling.outputs))
     return {name: torch.cat(values) for name, values in scores.items()}
 
 

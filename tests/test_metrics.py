@@ -76,6 +76,9 @@ def test_pixel_metrics_equal_the_separate_functions():
     together = pixel_metrics(to_tensor(pred), to_tensor(truth))
     for name, metric in (("psnr", psnr), ("ssim", ssim), ("mae", mae)):
         assert torch.equal(together[name], metric(to_tensor(pred), to_tensor(truth))), name
+    assert set(pixel_metrics(to_tensor(pred), to_tensor(truth), ("mae",))) == {"mae"}
+    with pytest.raises(ValueError, match="unknown pixel metrics"):
+        pixel_metrics(to_tensor(pred), to_tensor(truth), ("psnr", "lpips"))
 
 
 def test_ssim_is_one_for_identical_images_and_rejects_tiny_images():
