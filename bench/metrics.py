@@ -91,7 +91,7 @@ DATA_RANGE = 255.0
 
 SSIM_TILE = 32  # SSIM outputs per tile side (see "How it is computed")
 SSIM_CENTRE = 127.5  # subtracted before the float32 moments, added back for the luminance term
-GPU_CHUNK = 64  # images per chunk off the CPU (on the CPU, one image: its maps stay in the caches)
+GPU_CHUNK = 64  # images per chunk off the CPU (see _chunk_size)
 
 #: per-image metric columns of ``per_image.csv``, in table order (absent ones are skipped)
 PER_IMAGE_METRICS = ("psnr", "ssim", "mae", "lpips", "lite0_dist")
@@ -107,9 +107,13 @@ def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> None:
         raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} differ in shape")
 
 
+def _chunk_size(device: torch.device) -> int:
+    """Images per chunk: one on the CPU, where its maps stay in the caches; :data:`GPU_CHUNK` elsewhere."""
+    return 1 if device.type == "cpu" else GPU_CHUNK
+
+
 def _chunks(pred: torch.Tensor, gt: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The batch in chunks small enough for the CPU caches (one image), or large ones on a GPU."""
-    size = 1 if pred.device.type == "cpu" else GPU_CHUNK
+    size = _chunk_size(pred.device)
     return zip(pred.split(size), gt.split(size))
 
 

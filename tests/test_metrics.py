@@ -9,6 +9,7 @@ from skimage import data
 from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from bench import metrics
 from bench.metrics import (PSNR_CAP, frechet_distance, frechet_distance_of_features, gaussian_statistics, kid, mae,
                            pixel_metrics, psnr, ssim)
 
@@ -68,6 +69,23 @@ def test_ssim_of_composites_that_differ_only_in_a_hole_matches_skimage(height, w
     ours = ssim(to_tensor(pred), to_tensor(truth)).numpy()
     assert np.abs(ours - skimage_ssim(pred, truth)).max() <= 1e-6
     assert ours[3] == 1.0 and (ours[:3] < 1.0).all()
+
+
+def test_chunks_of_several_images_give_the_per_image_results(monkeypatch):
+    """Off the CPU several images share a chunk (tile indices then span images); forced here on the CPU."""
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 256, (7, 75, 50, 3), dtype=np.uint8)
+    pred = truth.copy()
+    pred[0, 3:9, 5:12] = 0
+    pred[2, 37, :] = 255
+    pred[6] = random_pairs(rng, 1, 75, 50)[0][0]
+    # the chunk of images 3-5 has no differing pixel at all
+    per_image = pixel_metrics(to_tensor(pred), to_tensor(truth))
+    monkeypatch.setattr(metrics, "_chunk_size", lambda device: 3)
+    chunked = pixel_metrics(to_tensor(pred), to_tensor(truth))
+    for name in ("psnr", "ssim", "mae"):
+        torch.testing.assert_close(chunked[name], per_image[name], rtol=0, atol=1e-9, msg=name)
+    assert (chunked["ssim"][[1, 3, 4, 5]] == 1.0).all() and (chunked["ssim"][[0, 2, 6]] < 1.0).all()
 
 
 def test_pixel_metrics_equal_the_separate_functions():
