@@ -93,6 +93,8 @@ SSIM_TILE = 32  # SSIM outputs per tile side (see "How it is computed")
 SSIM_CENTRE = 127.5  # subtracted before the float32 moments, added back for the luminance term
 GPU_CHUNK = 64  # images per chunk off the CPU (see _chunk_size)
 
+#: per-image metrics that need no network (:func:`pixel_metrics`)
+PIXEL_METRICS = ("psnr", "ssim", "mae")
 #: per-image metric columns of ``per_image.csv``, in table order (absent ones are skipped)
 PER_IMAGE_METRICS = ("psnr", "ssim", "mae", "lpips", "lite0_dist")
 
@@ -240,13 +242,13 @@ def _check_ssim_size(pred: torch.Tensor) -> None:
 
 
 def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor,
-                  names: tuple[str, ...] = ("psnr", "ssim", "mae")) -> dict[str, torch.Tensor]:
+                  names: tuple[str, ...] = PIXEL_METRICS) -> dict[str, torch.Tensor]:
     """``{name: float64 [B]}`` for ``names`` among psnr, ssim and mae, each as the module docstring defines
     it, computed together chunk by chunk from the same absolute differences."""
     _check_pair(pred, gt)
-    unknown = set(names) - {"psnr", "ssim", "mae"}
+    unknown = set(names) - set(PIXEL_METRICS)
     if unknown:
-        raise ValueError(f"unknown pixel metrics {sorted(unknown)}; choose among psnr, ssim, mae")
+        raise ValueError(f"unknown pixel metrics {sorted(unknown)}; choose among {', '.join(PIXEL_METRICS)}")
     if "ssim" in names:
         _check_ssim_size(pred)
         tiling = _SSIMTiling(*pred.shape[-2:], pred.device)

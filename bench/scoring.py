@@ -16,10 +16,7 @@ from torch import nn
 from bench.errors import WeightsUnavailable
 from bench.features import (FeatureExtractor, InceptionFID, Lite0Pooled, inception_fid_extractor, lite0_distance,
                             lite0_extractor, lpips_metric)
-from bench.metrics import pixel_metrics
-
-#: per-image metrics that need no network (:func:`bench.metrics.pixel_metrics`)
-PIXEL_METRICS = ("psnr", "ssim", "mae")
+from bench.metrics import PIXEL_METRICS, pixel_metrics
 
 
 class Scorer:
