@@ -60,9 +60,10 @@ class CellSpec:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_scorer(device: str, inception_path: str | None, lpips_path: str | None) -> Scorer:
+def cached_scorer(device: str, inception_path: str | None, lpips_path: str | None, compile_metrics: bool) -> Scorer:
     """One scorer per worker process: its networks load once, not once per cell."""
-    return Scorer(device=torch.device(device), inception_path=inception_path, lpips_trunk_path=lpips_path)
+    return Scorer(device=torch.device(device), inception_path=inception_path, lpips_trunk_path=lpips_path,
+                  compile_pixel_metrics=compile_metrics)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,6 +83,8 @@ def cell_fingerprint(config: BenchmarkConfig, cell: CellSpec) -> str:
                 "train": dataclasses.asdict(cell_train_config(config, cell)), "dataset": cell.dataset,
                 "image_size": config.data.image_size, "train_limit": config.data.train_limit,
                 "manifest": cell.manifest_dir, "inception": config.inception_weights, "lpips": config.lpips_weights}
+    if config.compile_metrics:  # only when set, so results of earlier runs keep their fingerprints
+        relevant["compile_metrics"] = True
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -130,7 +133,7 @@ def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
         method.save(cell_dir / "model.pt")
 
     manifest = load_manifest(cell.manifest_dir)
-    scorer = cached_scorer(str(device), config.inception_weights, config.lpips_weights)
+    scorer = cached_scorer(str(device), config.inception_weights, config.lpips_weights, config.compile_metrics)
     started = time.perf_counter()
     evaluation = evaluate(method, manifest, cell_dir, scorer, batch_size=config.eval_batch_size,
                           save_images=config.save_images, progress=progress, description=f"eval {cell.key}")
@@ -142,7 +145,8 @@ def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
         "protocol": PROTOCOL_VERSION, "manifest_digest": manifest.digest(), "fingerprint": fingerprint,
         "num_parameters": method.num_parameters(), "substitutions": dict(method.substitutions),
         "pretrained": dict(getattr(method, "pretrained", {}) or {}),
-        "metric_networks": scorer.provenance(), "method_config": method.config_dict(),
+        "metric_networks": scorer.provenance(), "pixel_metrics": scorer.pixel_metrics_backend(device),
+        "method_config": method.config_dict(),
         "train": dataclasses.asdict(train_config) if history else None,
         "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
         "pairs": len(evaluation.per_image),

@@ -33,7 +33,21 @@ SSIM
     filtered in float32 on values centred at 127.5 (variances are differences of large squares; the
     centring keeps them accurate); each tile's deficits ``1 - SSIM`` are summed in float32 and the tiles'
     sums in float64. The separable Gaussian filter of a tile is two matrix products with a banded
-    matrix, which CPUs and GPUs run fastest.
+    matrix, which CPUs and GPUs run fastest in eager mode.
+
+    Compiled (``pixel_metrics(..., compiled=True)``, CPU only): one ``torch.compile`` (inductor)
+    kernel per image size fuses the whole computation: no tiles, each filter pass as eleven shifted
+    multiply-adds, nothing but the per-image sums written to memory. It is several times faster
+    than the eager path after a one-time compile (seconds with a warm inductor cache, about half a
+    minute cold), so it pays from a few thousand pairs. It filters the sum ``s = x + y`` and the
+    difference ``d = x - y`` of the centred images: with ``P = μs² + 2C1``, ``Q = μd²``,
+    ``R = σs² + 2C2`` and ``V = σd²`` (``μs`` the uncentred mean of ``s``), SSIM is
+    ``(P-Q)(R-V) / ((P+Q)(R+V))``, so ``1 - SSIM = 2(PV + QR) / ((P+Q)(R+V))`` is computed directly,
+    as a ratio of sums of non-negative terms, not as the difference of two numbers near 1. Both
+    paths round in float32, differently: on photographs the compiled kernel is within 1e-6 of
+    scikit-image (2-4e-7 measured) and the eager path within 1e-5 (1-2e-6 measured), so the
+    choice is part of a run's configuration. Without a working C++ compiler, or past
+    :data:`COMPILED_SHAPES_LIMIT` image sizes in one process, it warns and computes eagerly.
 MAE
     Mean absolute difference over all pixels and channels on the [0,1] scale (``|a-b|/255``).
     Tables print it ×10⁻¹ like the seed paper, with the unit in the header.
@@ -73,6 +87,8 @@ Provenance
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -92,6 +108,8 @@ DATA_RANGE = 255.0
 SSIM_TILE = 32  # SSIM outputs per tile side (see "How it is computed")
 SSIM_CENTRE = 127.5  # subtracted before the float32 moments, added back for the luminance term
 GPU_CHUNK = 64  # images per chunk off the CPU (see _chunk_size)
+#: image sizes compiled per process (each is its own kernel; torch._dynamo stops recompiling at 8)
+COMPILED_SHAPES_LIMIT = 4
 
 #: per-image metrics that need no network (:func:`pixel_metrics`)
 PIXEL_METRICS = ("psnr", "ssim", "mae")
@@ -160,6 +178,9 @@ def gaussian_kernel_1d(sigma: float = SSIM_SIGMA, radius: int = SSIM_RADIUS,
     offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     taps = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return taps / taps.sum()
+
+
+_SSIM_TAPS = tuple(gaussian_kernel_1d().tolist())  # Python floats: constants of the compiled kernel
 
 
 def banded_filter_matrix(taps: torch.Tensor, block: int = SSIM_TILE) -> torch.Tensor:
@@ -235,16 +256,91 @@ def _ssim_deficits(pred: torch.Tensor, gt: torch.Tensor, differences: torch.Tens
     return deficits.index_add_(0, active // tiling.per_image, per_tile)
 
 
+def _gaussian_filter_valid(maps: torch.Tensor) -> torch.Tensor:
+    """The 11×11 SSIM Gaussian over the last two dims, valid outputs only, as shifted multiply-adds:
+    the form a compiler fuses into one loop (eager code is faster with the banded matrices)."""
+    for dim in (-1, -2):
+        length = maps.shape[dim] - 2 * SSIM_RADIUS
+        maps = sum(tap * maps.narrow(dim, offset, length) for offset, tap in enumerate(_SSIM_TAPS))
+    return maps
+
+
+def _fused_pixel_sums(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: the exact int64 sums of ``|d|`` and ``d²``, and the float64 sum over channels and valid
+    outputs of ``1 - SSIM`` in the sum/difference form of the module docstring. Written to be compiled."""
+    count = len(pred)
+    differences = pred.to(torch.int32) - gt.to(torch.int32)
+    x, y = pred.float() - SSIM_CENTRE, gt.float() - SSIM_CENTRE
+    total, difference = x + y, x - y
+    mean_s, mean_d, mean_ss, mean_dd = _gaussian_filter_valid(
+        torch.stack((total, difference, total * total, difference * difference)))
+    c1, c2 = (SSIM_K1 * DATA_RANGE) ** 2, (SSIM_K2 * DATA_RANGE) ** 2
+    luminance_sum = (mean_s + 2 * SSIM_CENTRE) ** 2 + 2 * c1  # P
+    luminance_difference = mean_d * mean_d  # Q
+    contrast_sum = mean_ss - mean_s * mean_s + 2 * c2  # R
+    contrast_difference = mean_dd - luminance_difference  # V
+    deficit = 2 * (luminance_sum * contrast_difference + luminance_difference * contrast_sum) / (
+        (luminance_sum + luminance_difference) * (contrast_sum + contrast_difference))
+    return (differences.abs().flatten(1).sum(1), (differences * differences).flatten(1).sum(1),
+            deficit.flatten(1).sum(1, dtype=torch.float64))
+
+
+class _CompiledPixelSums:
+    """:func:`_fused_pixel_sums` compiled once per image size; a call returns ``None`` where it cannot be."""
+
+    def __init__(self):
+        self._compiled = torch.compile(_fused_pixel_sums, dynamic=False)
+        self._shapes: set[tuple[int, ...]] = set()
+        self.failure: str | None = None
+
+    def __call__(self, pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        shape = tuple(pred.shape)
+        if self.failure is not None:
+            return None
+        if shape not in self._shapes and len(self._shapes) >= COMPILED_SHAPES_LIMIT:
+            warnings.warn(f"compiled pixel metrics: {COMPILED_SHAPES_LIMIT} image sizes are compiled in this "
+                          f"process already; {shape[-2]}x{shape[-1]} is scored eagerly", stacklevel=3)
+            return None
+        try:  # contiguous: one memory layout per size, so one compile per size
+            sums = self._compiled(pred.contiguous(), gt.contiguous())
+        except Exception as exc:  # no C++ compiler, an unsupported platform: any reason means eager
+            self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            warnings.warn(f"compiled pixel metrics unavailable ({self.failure}); computing them eagerly",
+                          stacklevel=3)
+            return None
+        self._shapes.add(shape)
+        return sums
+
+
+@functools.cache
+def compiled_pixel_sums() -> _CompiledPixelSums:
+    """The process's one compiled pixel-metric kernel, which remembers why it failed, if it did."""
+    return _CompiledPixelSums()
+
+
+def pixel_metrics_backend(device: torch.device, compiled: bool) -> str:
+    """What :func:`pixel_metrics` scores with on ``device``: ``"compiled"``, or ``"eager"`` (with the reason
+    when compiling was asked for and failed)."""
+    if not compiled or device.type != "cpu":
+        return "eager"
+    failure = compiled_pixel_sums().failure
+    return f"eager (compiled unavailable: {failure})" if failure else "compiled"
+
+
 def _check_ssim_size(pred: torch.Tensor) -> None:
     height, width = pred.shape[-2:]
     if min(height, width) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {height}x{width}")
 
 
-def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor,
-                  names: tuple[str, ...] = PIXEL_METRICS) -> dict[str, torch.Tensor]:
+def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor, names: tuple[str, ...] = PIXEL_METRICS,
+                  compiled: bool = False) -> dict[str, torch.Tensor]:
     """``{name: float64 [B]}`` for ``names`` among psnr, ssim and mae, each as the module docstring defines
-    it, computed together chunk by chunk from the same absolute differences."""
+    it, computed together chunk by chunk from the same absolute differences.
+
+    ``compiled`` (CPU only, ignored elsewhere): score with the fused ``torch.compile`` kernel of the
+    module docstring, or eagerly with a warning where it cannot be compiled.
+    """
     _check_pair(pred, gt)
     unknown = set(names) - set(PIXEL_METRICS)
     if unknown:
@@ -255,6 +351,14 @@ def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor,
     count = pred[0].numel()
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     for p, g in _chunks(pred, gt):
+        fused = compiled_pixel_sums()(p, g) if compiled and "ssim" in names and p.device.type == "cpu" else None
+        if fused is not None:
+            absolute_sum, squared_sum, deficits = (values.double() for values in fused)
+            fused_scores = {"psnr": _psnr_from(squared_sum, count), "mae": _mae_from(absolute_sum, count),
+                            "ssim": 1.0 - deficits / (p.shape[1] * tiling.outputs)}
+            for name in names:
+                scores[name].append(fused_scores[name])
+            continue
         differences = _absolute_differences(p, g)
         if "psnr" in names or "mae" in names:
             squared_sum, absolute_sum = _squared_and_absolute_sums(differences)

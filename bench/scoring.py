@@ -16,19 +16,21 @@ from torch import nn
 from bench.errors import WeightsUnavailable
 from bench.features import (FeatureExtractor, InceptionFID, Lite0Pooled, inception_fid_extractor, lite0_distance,
                             lite0_extractor, lpips_metric)
-from bench.metrics import PIXEL_METRICS, pixel_metrics
+from bench.metrics import PIXEL_METRICS, pixel_metrics, pixel_metrics_backend
 
 
 class Scorer:
     """Per-image metrics and per-image features of ``uint8 [B,3,H,W]`` composites and ground truths.
 
     ``device=None`` follows the inputs' device; otherwise networks live on ``device`` and inputs are
-    moved there. The result tensors are on the device the computation ran on.
+    moved there. The result tensors are on the device the computation ran on. ``compile_pixel_metrics``
+    scores PSNR/SSIM/MAE on the CPU with the compiled kernel (:func:`bench.metrics.pixel_metrics`).
     """
 
     def __init__(self, device: str | torch.device | None = None, inception_path: str | os.PathLike | None = None,
-                 lpips_trunk_path: str | os.PathLike | None = None):
+                 lpips_trunk_path: str | os.PathLike | None = None, compile_pixel_metrics: bool = False):
         self.device = torch.device(device) if device is not None else None
+        self.compile_pixel_metrics = compile_pixel_metrics
         self._unavailable: dict[str, str] = {}
         self._provenance: dict[str, str] = {}
         self._distances: dict[str, nn.Module] = {}
@@ -58,7 +60,7 @@ class Scorer:
     def per_image(self, pred_u8: torch.Tensor, gt_u8: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{metric: float64 [B]}``: psnr, ssim, mae, then lpips and lite0_dist when available."""
         pred_u8, gt_u8 = self._placed(pred_u8), self._placed(gt_u8)
-        scores = pixel_metrics(pred_u8, gt_u8)
+        scores = pixel_metrics(pred_u8, gt_u8, compiled=self.compile_pixel_metrics)
         scores.update({name: distance(pred_u8, gt_u8) for name, distance in self._distances.items()})
         return scores
 
@@ -70,6 +72,10 @@ class Scorer:
 
     def metric_names(self) -> list[str]:
         return [*PIXEL_METRICS, *self._distances]
+
+    def pixel_metrics_backend(self, device: torch.device) -> str:
+        """``"compiled"`` or ``"eager"`` (with the reason compiling failed): what scored PSNR/SSIM/MAE on ``device``."""
+        return pixel_metrics_backend(self.device or device, self.compile_pixel_metrics)
 
     def provenance(self) -> dict[str, str]:
         """``{network name: "<file> sha256:<digest>" | "unavailable: <reason>"}`` for every metric network."""

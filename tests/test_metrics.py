@@ -88,6 +88,93 @@ def test_chunks_of_several_images_give_the_per_image_results(monkeypatch):
     assert (chunked["ssim"][[1, 3, 4, 5]] == 1.0).all() and (chunked["ssim"][[0, 2, 6]] < 1.0).all()
 
 
+COMPILED_SIZE = (48, 80)  # one image size for every compiled test: each size is one more compile
+
+
+def compiled_test_pairs():
+    """Photographs against degraded copies, and composites differing in a hole, by a border, or not at all."""
+    height, width = COMPILED_SIZE
+    photographs, photograph_truth = structured_pairs(height, width)
+    rng = np.random.default_rng(17)
+    truth = rng.integers(0, 256, (3, height, width, 3), dtype=np.uint8)
+    composites = truth.copy()
+    composites[0, 10:30, 20:50] = rng.integers(0, 256, (20, 30, 3))
+    composites[1, height - 3:, :] = 255
+    return np.concatenate([photographs, composites]), np.concatenate([photograph_truth, truth])
+
+
+def test_compiled_pixel_metrics_match_skimage_numpy_and_the_eager_path():
+    pred, truth = compiled_test_pairs()
+    compiled = pixel_metrics(to_tensor(pred), to_tensor(truth), compiled=True)
+    assert metrics.pixel_metrics_backend(torch.device("cpu"), compiled=True) == "compiled"
+    eager = pixel_metrics(to_tensor(pred), to_tensor(truth))
+    assert torch.equal(compiled["psnr"], eager["psnr"]) and torch.equal(compiled["mae"], eager["mae"])  # exact sums
+    assert np.abs(compiled["ssim"].numpy() - skimage_ssim(pred, truth)).max() <= 1e-6  # the eager path: 1e-5
+    torch.testing.assert_close(compiled["ssim"], eager["ssim"], rtol=0, atol=1e-5)
+    assert compiled["ssim"][4] == 1.0 and (compiled["ssim"][:4] < 1.0).all()  # pred[4] is its ground truth
+    again = pixel_metrics(to_tensor(pred), to_tensor(truth), compiled=True)
+    assert all(torch.equal(again[name], compiled[name]) for name in compiled)  # deterministic
+    channels_last = torch.from_numpy(np.ascontiguousarray(pred)).permute(0, 3, 1, 2)  # a view, as methods may return
+    from_view = pixel_metrics(channels_last, to_tensor(truth), compiled=True)
+    assert all(torch.equal(from_view[name], compiled[name]) for name in compiled)
+    assert metrics.pixel_metrics_backend(torch.device("cpu"), compiled=True) == "compiled"
+    assert set(pixel_metrics(to_tensor(pred), to_tensor(truth), ("ssim",), compiled=True)) == {"ssim"}
+
+
+class _FakeCompiled:
+    """Stands in for the torch.compile'd function: records its calls, raises ``error`` when given one."""
+
+    def __init__(self, error: Exception | None = None):
+        self.error, self.calls = error, 0
+
+    def __call__(self, pred, gt):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return metrics._fused_pixel_sums(pred, gt)
+
+
+def fresh_compiled_sums(monkeypatch, fake: _FakeCompiled):
+    kernel = metrics._CompiledPixelSums()
+    kernel._compiled = fake
+    monkeypatch.setattr(metrics, "compiled_pixel_sums", lambda: kernel)
+    return kernel
+
+
+def test_compiled_pixel_metrics_fall_back_to_eager_with_one_warning_when_compiling_fails(monkeypatch):
+    fake = _FakeCompiled(RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail"))
+    fresh_compiled_sums(monkeypatch, fake)
+    pred, truth = random_pairs(np.random.default_rng(8), 2, 24, 30)
+    with pytest.warns(UserWarning, match="compiled pixel metrics unavailable .*No working C\\+\\+ compiler"):
+        fallen_back = pixel_metrics(to_tensor(pred), to_tensor(truth), compiled=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the next call is silent and does not retry
+        again = pixel_metrics(to_tensor(pred), to_tensor(truth), compiled=True)
+    assert fake.calls == 1
+    eager = pixel_metrics(to_tensor(pred), to_tensor(truth))
+    assert all(torch.equal(fallen_back[name], eager[name]) and torch.equal(again[name], eager[name]) for name in eager)
+    backend = metrics.pixel_metrics_backend(torch.device("cpu"), compiled=True)
+    assert backend == ("eager (compiled unavailable: RuntimeError: InvalidCxxCompiler: No working C++ compiler found "
+                       "more detail)")
+
+
+def test_image_sizes_past_the_compiled_limit_are_scored_eagerly(monkeypatch):
+    fake = _FakeCompiled()
+    fresh_compiled_sums(monkeypatch, fake)
+    monkeypatch.setattr(metrics, "COMPILED_SHAPES_LIMIT", 1)
+    first, first_truth = random_pairs(np.random.default_rng(9), 2, 20, 20)
+    pixel_metrics(to_tensor(first), to_tensor(first_truth), compiled=True)
+    assert fake.calls == 2  # one image per call on the CPU
+    second, second_truth = random_pairs(np.random.default_rng(10), 2, 20, 21)
+    with pytest.warns(UserWarning, match="20x21 is scored eagerly"):
+        scores = pixel_metrics(to_tensor(second), to_tensor(second_truth), compiled=True)
+    assert fake.calls == 2
+    eager = pixel_metrics(to_tensor(second), to_tensor(second_truth))
+    assert all(torch.equal(scores[name], eager[name]) for name in eager)
+    assert metrics.pixel_metrics_backend(torch.device("cpu"), compiled=True) == "compiled"
+    assert metrics.pixel_metrics_backend(torch.device("cpu"), compiled=False) == "eager"
+
+
 def test_pixel_metrics_equal_the_separate_functions():
     pred, truth = random_pairs(np.random.default_rng(5), 3, 40, 52)
     pred[1] = truth[1]
