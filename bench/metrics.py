@@ -301,8 +301,9 @@ class _CompiledPixelSums:
             warnings.warn(f"compiled pixel metrics: {COMPILED_SHAPES_LIMIT} image sizes are compiled in this "
                           f"process already; {shape[-2]}x{shape[-1]} is scored eagerly", stacklevel=3)
             return None
-        try:  # contiguous: one memory layout per size, so one compile per size
-            sums = self._compiled(pred.contiguous(), gt.contiguous())
+        try:  # contiguous and without autograd: one memory layout and grad mode, so one compile per size
+            with torch.no_grad():
+                sums = self._compiled(pred.contiguous(), gt.contiguous())
         except Exception as exc:  # no C++ compiler, an unsupported platform: any reason means eager
             self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             warnings.warn(f"compiled pixel metrics unavailable ({self.failure}); computing them eagerly",
