@@ -58,8 +58,8 @@ def _provenance_section(cells: list[CellResult]) -> list[str]:
         lines += ["| Metric network | Weights (sha256) or why unavailable |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(networks.items())]
     backends = sorted({c.record.get("pixel_metrics", "eager") for c in cells})  # records before it: eager
-    lines += ["", f"PSNR, SSIM and MAE computed by bench.metrics, {' and '.join(backends)} (the two backends give "
-              "equal PSNR and MAE, and SSIM within 1e-5 of each other)."]
+    lines += ["", f"Pixel-metric backend (PSNR, SSIM, MAE): {'; '.join(backends)}. The compiled and eager backends "
+              "give equal PSNR and MAE, and SSIM within 1e-5 of each other."]
     substitutions = {(c.method, role): what for c in cells for role, what in c.record.get("substitutions", {}).items()}
     if substitutions:
         lines += ["", "Substitute networks used by methods (the paper's network could not be had):", ""]

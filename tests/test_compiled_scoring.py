@@ -23,7 +23,7 @@ def test_compile_metrics_is_recorded_per_cell_and_scores_like_the_eager_path(tmp
         records[compiled] = json.loads((cell / "cell.json").read_text())
         per_image[compiled] = pd.read_csv(cell / "per_image.csv")
         backend = "compiled" if compiled else "eager"
-        assert f"PSNR, SSIM and MAE computed by bench.metrics, {backend} (" in (out / "report.md").read_text()
+        assert f"Pixel-metric backend (PSNR, SSIM, MAE): {backend}." in (out / "report.md").read_text()
     assert records[False]["pixel_metrics"] == "eager" and records[True]["pixel_metrics"] == "compiled"
     assert records[False]["fingerprint"] != records[True]["fingerprint"]
     eager, compiled = per_image[False], per_image[True]
