@@ -289,9 +289,16 @@ class _CompiledPixelSums:
     """:func:`_fused_pixel_sums` compiled once per image size; a call returns ``None`` where it cannot be."""
 
     def __init__(self):
-        self._compiled = torch.compile(_fused_pixel_sums, dynamic=False)
         self._shapes: set[tuple[int, ...]] = set()
         self.failure: str | None = None
+        try:
+            self._compiled = torch.compile(_fused_pixel_sums, dynamic=False)
+        except Exception as exc:  # torch.compile refuses this Python or platform
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        warnings.warn(f"compiled pixel metrics unavailable ({self.failure}); computing them eagerly", stacklevel=4)
 
     def __call__(self, pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         shape = tuple(pred.shape)
@@ -305,9 +312,7 @@ class _CompiledPixelSums:
             with torch.no_grad():
                 sums = self._compiled(pred.contiguous(), gt.contiguous())
         except Exception as exc:  # no C++ compiler, an unsupported platform: any reason means eager
-            self.failure = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            warnings.warn(f"compiled pixel metrics unavailable ({self.failure}); computing them eagerly",
-                          stacklevel=3)
+            self._fail(exc)
             return None
         self._shapes.add(shape)
         return sums

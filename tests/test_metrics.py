@@ -1,4 +1,5 @@
 """Conformance of the pixel metrics with scikit-image / numpy, and of FID/KID with pytorch-fid's definitions."""
+import functools
 import warnings
 
 import numpy as np
@@ -156,6 +157,20 @@ def test_compiled_pixel_metrics_fall_back_to_eager_with_one_warning_when_compili
     backend = metrics.pixel_metrics_backend(torch.device("cpu"), compiled=True)
     assert backend == ("eager (compiled unavailable: RuntimeError: InvalidCxxCompiler: No working C++ compiler found "
                        "more detail)")
+
+
+def test_a_platform_torch_compile_refuses_is_scored_eagerly_with_a_warning(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(metrics, "compiled_pixel_sums", functools.cache(metrics._CompiledPixelSums))
+    pred, truth = random_pairs(np.random.default_rng(12), 2, 20, 20)
+    with pytest.warns(UserWarning, match="compiled pixel metrics unavailable .*not supported on this Python"):
+        scores = pixel_metrics(to_tensor(pred), to_tensor(truth), compiled=True)
+    eager = pixel_metrics(to_tensor(pred), to_tensor(truth))
+    assert all(torch.equal(scores[name], eager[name]) for name in eager)
+    assert metrics.pixel_metrics_backend(torch.device("cpu"), compiled=True).startswith("eager (compiled unavailable")
 
 
 def test_image_sizes_past_the_compiled_limit_are_scored_eagerly(monkeypatch):
