@@ -80,7 +80,7 @@ class BenchmarkConfig:
     inception_weights: str | None = None  # explicit pt_inception-2015-12-05 file for FID
     lpips_weights: str | None = None  # explicit AlexNet trunk file for LPIPS
     # CPU: score PSNR/SSIM/MAE with one torch.compile'd kernel per image size: several times faster after
-    # a one-time compile (3-6 s; 20-25 s the first time on a machine), worth it from a few thousand pairs;
+    # a one-time compile (3-6 s; 18 s the first time on a machine), worth it from a few thousand pairs;
     # SSIM differs from the eager path's by float32 round-off (within 1e-5), PSNR and MAE not at all.
     compile_metrics: bool = False
     data: DataConfig = field(default_factory=DataConfig)
