@@ -39,7 +39,7 @@ SSIM
     kernel per image size fuses the whole computation: no tiles, each filter pass as eleven shifted
     multiply-adds, nothing but the per-image sums written to memory. It is several times faster
     than the eager path after a one-time compile (3-6 s with a warm inductor cache, 18 s cold,
-    measured at 256²), so it pays from a few thousand pairs (tens of thousands cold). It filters the sum ``s = x + y`` and the
+    measured at 256²), so it pays from a few thousand pairs (some fifteen thousand cold). It filters the sum ``s = x + y`` and the
     difference ``d = x - y`` of the centred images: with ``P = μs² + 2C1``, ``Q = μd²``,
     ``R = σs² + 2C2`` and ``V = σd²`` (``μs`` the uncentred mean of ``s``), SSIM is
     ``(P-Q)(R-V) / ((P+Q)(R+V))``, so ``1 - SSIM = 2(PV + QR) / ((P+Q)(R+V))`` is computed directly,
