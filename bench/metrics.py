@@ -37,16 +37,16 @@ SSIM
 
     Compiled (``pixel_metrics(..., compiled=True)``, CPU only): one ``torch.compile`` (inductor)
     kernel per image size fuses the whole computation: no tiles, each filter pass as eleven shifted
-    multiply-adds, nothing but the per-image sums written to memory. It is several times faster
-    than the eager path after a one-time compile (3-6 s with a warm inductor cache, 18 s cold,
-    measured at 256²), so it pays from a few thousand pairs (some fifteen thousand cold). It filters the sum ``s = x + y`` and the
-    difference ``d = x - y`` of the centred images: with ``P = μs² + 2C1``, ``Q = μd²``,
-    ``R = σs² + 2C2`` and ``V = σd²`` (``μs`` the uncentred mean of ``s``), SSIM is
+    multiply-adds, nothing but the per-image sums written to memory. It is several times faster than
+    the eager path after a one-time compile (3-6 s with a warm inductor cache, 18 s cold, measured
+    at 256²), so it pays from a few thousand pairs (some fifteen thousand cold). It filters the sum
+    ``s = x + y`` and the difference ``d = x - y`` of the centred images: with ``P = μs² + 2C1``,
+    ``Q = μd²``, ``R = σs² + 2C2`` and ``V = σd²`` (``μs`` the uncentred mean of ``s``), SSIM is
     ``(P-Q)(R-V) / ((P+Q)(R+V))``, so ``1 - SSIM = 2(PV + QR) / ((P+Q)(R+V))`` is computed directly,
     as a ratio of sums of non-negative terms, not as the difference of two numbers near 1. Both
     paths round in float32, differently: on photographs the compiled kernel is within 1e-6 of
-    scikit-image (2-4e-7 measured) and the eager path within 1e-5 (1-2e-6 measured), so the
-    choice is part of a run's configuration. Without a working C++ compiler, or past
+    scikit-image (2-4e-7 measured) and the eager path within 1e-5 (1-2e-6 measured), so the choice
+    is part of a run's configuration. Without a working C++ compiler, or past
     :data:`COMPILED_SHAPES_LIMIT` image sizes in one process, it warns and computes eagerly.
 MAE
     Mean absolute difference over all pixels and channels on the [0,1] scale (``|a-b|/255``).
