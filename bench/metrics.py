@@ -360,20 +360,17 @@ def pixel_metrics(pred: torch.Tensor, gt: torch.Tensor, names: tuple[str, ...] =
         fused = compiled_pixel_sums()(p, g) if compiled and "ssim" in names and p.device.type == "cpu" else None
         if fused is not None:
             absolute_sum, squared_sum, deficits = (values.double() for values in fused)
-            fused_scores = {"psnr": _psnr_from(squared_sum, count), "mae": _mae_from(absolute_sum, count),
-                            "ssim": 1.0 - deficits / (p.shape[1] * tiling.outputs)}
-            for name in names:
-                scores[name].append(fused_scores[name])
-            continue
-        differences = _absolute_differences(p, g)
-        if "psnr" in names or "mae" in names:
-            squared_sum, absolute_sum = _squared_and_absolute_sums(differences)
-            if "psnr" in names:
-                scores["psnr"].append(_psnr_from(squared_sum, count))
-            if "mae" in names:
-                scores["mae"].append(_mae_from(absolute_sum, count))
+        else:
+            differences = _absolute_differences(p, g)
+            if "psnr" in names or "mae" in names:
+                squared_sum, absolute_sum = _squared_and_absolute_sums(differences)
+            if "ssim" in names:
+                deficits = _ssim_deficits(p, g, differences, tiling)
+        if "psnr" in names:
+            scores["psnr"].append(_psnr_from(squared_sum, count))
+        if "mae" in names:
+            scores["mae"].append(_mae_from(absolute_sum, count))
         if "ssim" in names:
-            deficits = _ssim_deficits(p, g, differences, tiling)
             scores["ssim"].append(1.0 - deficits / (p.shape[1] * tiling.outputs))
     return {name: torch.cat(values) for name, values in scores.items()}
 
