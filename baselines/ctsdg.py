@@ -74,6 +74,7 @@ Reported losses are the weighted terms (``g_*`` sum to the generator loss) and `
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -91,8 +92,10 @@ from bench.errors import CheckpointError, UserError
 from bench.feature_losses import perceptual_loss, style_loss
 from bench.layers import FrozenNetworks
 from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss
-from bench.methods import InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load, variant
+from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
+                           variant)
 from bench.pretrained import loss_network
+from bench.state_dicts import consecutive_count, is_state_dict, read_plain_checkpoint, tensor_shape
 
 PREPROCESSING = ("official", "corrected")
 FEATURE_NETWORKS = ("vgg16", "efficientnet_lite0")
@@ -195,6 +198,14 @@ def structure_inputs(images: torch.Tensor, sigma: float = DEFAULT_SIGMA,
     raise UserError(f"CTSDG preprocessing={preprocessing!r}; choose one of {PREPROCESSING}")
 
 
+def structure_input_batch(images: torch.Tensor, masks: torch.Tensor, sigma: float = DEFAULT_SIGMA,
+                          preprocessing: str = "official") -> dict[str, torch.Tensor]:
+    """:func:`structure_inputs` as named tensors, for the host-side preprocessing hook (training and inference
+    alike: CTSDG's gray and edges come from the whole image; the masks are applied inside the network)."""
+    gray, edges = structure_inputs(images, sigma, preprocessing)
+    return {"gray": gray, "edges": edges}
+
+
 # ===================================================================== partial convolutions (pconv.py)
 class PartialConv2d(nn.Conv2d):
     """Partial convolution (Liu et al. 2018) with a multi-channel mask, bias-free as every CTSDG PConv.
@@ -216,8 +227,10 @@ class PartialConv2d(nn.Conv2d):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         window = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         masked = [features * mask for features, mask in blocks]
-        with torch.no_grad():
-            valid_channels = sum(mask * features.shape[1] for features, mask in blocks)
+        # Counts in float32 outside autocast (no-op casts at fp32): in fp16 the 1e-8 below underflows to 0, and
+        # 0/0 where a window holds no valid input would be NaN
+        with torch.no_grad(), torch.autocast(blocks[0][0].device.type, enabled=False):
+            valid_channels = sum(mask.float() * features.shape[1] for features, mask in blocks)
             ones = valid_channels.new_ones(1, 1, *self.kernel_size)
             count = F.conv2d(valid_channels, ones, stride=self.stride, padding=self.padding, dilation=self.dilation)
             updated = count.clamp(0, 1)
@@ -505,6 +518,31 @@ class CTSDGDiscriminator(nn.Module):
         return torch.cat((texture_logits, structure_logits), dim=1), predicted_edges
 
 
+# ===================================================================== losses (criteria/loss.py)
+BCE_LOG_FLOOR = -100.0  # F.binary_cross_entropy floors each log term here, so a saturated sigmoid costs 100
+
+
+def _floored_log(x: torch.Tensor) -> torch.Tensor:
+    """``max(log x, -100)``. Where x is exactly 0 the floor is taken directly: through ``log`` its gradient
+    would be 0 · ∞ = NaN. A NaN stays NaN."""
+    zero = x == 0
+    return torch.where(zero, BCE_LOG_FLOOR, torch.where(zero, 1.0, x).log().clamp_min(BCE_LOG_FLOOR))
+
+
+def _floored_log1m(x: torch.Tensor) -> torch.Tensor:
+    """``max(log(1 − x), -100)`` through ``log1p``, exact where x is exactly 1, as :func:`_floored_log`."""
+    one = x == 1
+    return torch.where(one, BCE_LOG_FLOOR, torch.log1p(-torch.where(one, 0.0, x)).clamp_min(BCE_LOG_FLOOR))
+
+
+def binary_cross_entropy(probabilities: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of probabilities, the values of ``F.binary_cross_entropy`` (to float32 round-off; exact at 0
+    and 1) from elementwise operations. On CUDA, ``F.binary_cross_entropy`` device-asserts on an input
+    outside [0, 1] — a NaN from a diverging step — which leaves the worker's CUDA context unusable; here
+    such an input gives a NaN loss, which the training loop reports as a non-finite loss."""
+    return ((targets - 1) * _floored_log1m(probabilities) - targets * _floored_log(probabilities)).mean()
+
+
 # ===================================================================== the method
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[None]:
@@ -555,6 +593,19 @@ class CTSDG(FrozenNetworks, InpaintingMethod):
         """Gray and Canny edges of the whole [0,1] images, by ``config.preprocessing``."""
         return structure_inputs(images, self.config.canny_sigma, self.config.preprocessing)
 
+    def host_preprocessing(self, purpose: str) -> functools.partial:
+        """Gray and Canny by scikit-image on the CPU, where the batch is before it goes to the device (the same
+        for training and :meth:`inpaint`)."""
+        return functools.partial(structure_input_batch, sigma=self.config.canny_sigma,
+                                 preprocessing=self.config.preprocessing)
+
+    def given_or_computed_structure(self, images: torch.Tensor, gray: torch.Tensor | None,
+                                    edges: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host-made gray and edges of ``images`` when given, else computed here."""
+        if gray is None or edges is None:
+            return self.structure_inputs(images)
+        return gray.to(images.device), edges.to(images.device)
+
     def run_generator(self, truth: torch.Tensor, gray: torch.Tensor, edges: torch.Tensor,
                       valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The official inputs (``gt·m``, ``[edges·m, gray·m]``, ``m``), padded to the size multiple and
@@ -570,11 +621,14 @@ class CTSDG(FrozenNetworks, InpaintingMethod):
         """Harness mask (1 = hole) → CTSDG's (1 = valid), binarised at 0.5 as the official dataset."""
         return (masks < 0.5).to(dtype)
 
-    def inpaint(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def inpaint(self, images: torch.Tensor, masks: torch.Tensor, gray: torch.Tensor | None = None,
+                edges: torch.Tensor | None = None) -> torch.Tensor:
+        """``gray`` and ``edges``: what ``host_preprocessing("inpaint")`` made of these images (computed here when
+        absent)."""
         images = images.to(self.device)
         valid = self.valid_mask(masks.to(self.device), images.dtype)
         with evaluating(self.generator), torch.no_grad():
-            gray, edges = self.structure_inputs(images)
+            gray, edges = self.given_or_computed_structure(images, gray, edges)
             output, _, _ = self.run_generator(to_signed(images), gray, edges, valid)
         return ((output + 1) / 2).clamp(0, 1)
 
@@ -623,8 +677,8 @@ class CTSDG(FrozenNetworks, InpaintingMethod):
         composite = truth * valid + output * holes
         fake_logits, fake_edges = self.discriminator(output, gray)
         perceptual, style = self.feature_losses(output, composite, truth)
-        adversarial = generator_adversarial_loss(fake_logits) + F.binary_cross_entropy(fake_edges, edges)
-        intermediate = F.binary_cross_entropy(projected_edge, edges) + F.l1_loss(projected_image, truth)
+        adversarial = generator_adversarial_loss(fake_logits) + binary_cross_entropy(fake_edges, edges)
+        intermediate = binary_cross_entropy(projected_edge, edges) + F.l1_loss(projected_image, truth)
         return {
             "g_hole": F.l1_loss(holes * output, holes * truth) * config.hole_weight,
             "g_valid": F.l1_loss(valid * output, valid * truth) * config.valid_weight,
@@ -640,33 +694,75 @@ class CTSDG(FrozenNetworks, InpaintingMethod):
         real_logits, real_edges = self.discriminator(truth, gray, edges)
         fake_logits, fake_edges = self.discriminator(output.detach(), gray)
         return (discriminator_adversarial_loss(real_logits, fake_logits)
-                + F.binary_cross_entropy(real_edges, edges) + F.binary_cross_entropy(fake_edges, edges))
+                + binary_cross_entropy(real_edges, edges) + binary_cross_entropy(fake_edges, edges))
 
     # ----------------------------------------------------------------- training (trainer.py)
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Generator step through the current discriminator, then the discriminator step (official order)."""
         self.train()
         images = batch["image"].to(self.device)
         valid = self.valid_mask(batch["mask"].to(self.device), images.dtype)
-        gray, edges = self.structure_inputs(images)
+        gray, edges = self.given_or_computed_structure(images, batch.get("gray"), batch.get("edges"))
         truth = to_signed(images)
         generated = self.run_generator(truth, gray, edges, valid)
         losses = self.generator_losses(truth, valid, gray, edges, generated)
 
-        generator_optimizer, discriminator_optimizer = self.optimizers["generator"], self.optimizers["discriminator"]
-        generator_optimizer.zero_grad(set_to_none=True)
+        self.optimizers["generator"].zero_grad(set_to_none=True)
         # the adversarial terms pass through D; only G's parameters receive this gradient (D is frozen here)
-        sum(losses.values()).backward(inputs=list(self.generator.parameters()))
-        generator_optimizer.step()
+        self.backward(sum(losses.values()), inputs=list(self.generator.parameters()))
+        self.step("generator")
 
-        discriminator_optimizer.zero_grad(set_to_none=True)
+        self.optimizers["discriminator"].zero_grad(set_to_none=True)
         discriminator_total = self.discriminator_loss(truth, generated[0], gray, edges)
-        discriminator_total.backward()
-        discriminator_optimizer.step()
-        return {**{name: float(value.detach()) for name, value in losses.items()},
-                "d_adversarial": float(discriminator_total.detach())}
+        self.backward(discriminator_total)
+        self.step("discriminator")
+        return {**{name: value.detach() for name, value in losses.items()},
+                "d_adversarial": discriminator_total.detach()}
 
     # ----------------------------------------------------------------- official checkpoints
+    @classmethod
+    def inspect_official(cls, path: Path) -> CheckpointInfo | None:
+        """An official file ``{'n_iter', 'generator', 'discriminator'}`` read without building a network: the
+        encoder widths and kernels (hence the number of levels) come from ``ec_texture_<level>.conv.weight``,
+        the discriminator's widths from its first convolutions. ``None`` for anything else."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        payload = read_plain_checkpoint(path)
+        generator = payload.get("generator") if isinstance(payload, dict) else None
+        if not is_state_dict(generator):
+            return None
+        generator = _without_data_parallel_prefix(generator)
+        levels = consecutive_count(generator, "ec_texture_", start=1)
+        if not levels:
+            return None  # another method's {'generator': ...} file (EdgeConnect's, say)
+        shapes = [tensor_shape(generator, f"ec_texture_{level}.conv.weight", path, "a CTSDG generator")
+                  for level in range(1, levels + 1)]
+        # the released weights expect the official (wrapped) edge and gray inputs, see the module doc
+        config: dict[str, Any] = {"encoder_channels": tuple(int(s[0]) for s in shapes),
+                                  "encoder_kernels": tuple(int(s[-1]) for s in shapes), "preprocessing": "official"}
+        variant_name = next((name for name, preset in VARIANT_CONFIGS.items()
+                             if tuple(preset.encoder_channels) == config["encoder_channels"]
+                             and tuple(preset.encoder_kernels) == config["encoder_kernels"]), "ctsdg")
+        discriminator = payload.get("discriminator")
+        if is_state_dict(discriminator):  # an empty or absent one: a generator-only release
+            discriminator = _without_data_parallel_prefix(discriminator)
+            what = "a CTSDG discriminator"
+            config["discriminator_channels"] = int(
+                tensor_shape(discriminator, "texture_branch.conv1.0.weight_orig", path, what)[0])
+            config["edge_detector_channels"] = int(
+                tensor_shape(discriminator, "edge_detector.projection.0.weight", path, what)[0])
+            networks: tuple[str, ...] = ("generator", "discriminator")
+        else:
+            preset = VARIANT_CONFIGS[variant_name]
+            config["discriminator_channels"] = preset.discriminator_channels
+            config["edge_detector_channels"] = preset.edge_detector_channels
+            networks = ("generator",)
+        widths = "/".join(str(c) for c in config["encoder_channels"])
+        return CheckpointInfo(variant=variant_name, format="official", config=config, networks=networks,
+                              release=f"a CTSDG release file ({levels} levels, widths {widths}"
+                                      + (")" if len(networks) == 2 else ", generator only)"))
+
     def load_official(self, path: Path) -> None:
         """An official checkpoint file ``{'n_iter', 'generator', 'discriminator'}`` (trainer.py), loaded
         strictly; the discriminator is optional (a generator-only file is enough to inpaint)."""
@@ -679,7 +775,7 @@ class CTSDG(FrozenNetworks, InpaintingMethod):
                                   "{'n_iter': int, 'generator': state_dict, 'discriminator': state_dict}")
         load_state_dict_strict(self.generator, _without_data_parallel_prefix(payload["generator"]),
                                what=f"{path} ['generator']")
-        if isinstance(payload.get("discriminator"), dict):
+        if isinstance(payload.get("discriminator"), dict) and payload["discriminator"]:  # empty: generator only
             load_state_dict_strict(self.discriminator, _without_data_parallel_prefix(payload["discriminator"]),
                                    what=f"{path} ['discriminator']")
         self.official_iteration = payload.get("n_iter")
@@ -698,15 +794,17 @@ def _without_data_parallel_prefix(state: dict[str, torch.Tensor]) -> dict[str, t
 #: official); 16-channel discriminators and an 8-channel edge detector. BatchNorm and everything else official.
 TINY = CTSDGConfig(encoder_channels=(16, 32, 64, 64, 64), encoder_kernels=(7, 5, 5, 3, 3),
                    discriminator_channels=16, edge_detector_channels=8)
+#: each variant's preset, for telling which one an official file's shapes belong to
+VARIANT_CONFIGS = {"ctsdg": CTSDGConfig(), "ctsdg_tiny": TINY}
 
 
-@variant(scale="paper", paper_name="CTSDG")
+@variant(scale="paper", paper_name="CTSDG", method_class=CTSDG)
 def ctsdg(**overrides: Any) -> CTSDG:
     """The official sizes: generator 52,147,789 and discriminator 5,531,729 parameters; official preprocessing."""
     return CTSDG(apply_overrides(CTSDGConfig(), overrides))
 
 
-@variant(scale="tiny", paper_name="CTSDG")
+@variant(scale="tiny", paper_name="CTSDG", method_class=CTSDG)
 def ctsdg_tiny(**overrides: Any) -> CTSDG:
     """CPU-sized CTSDG for 64² images: fewer channels and levels, the official layout, inputs and losses."""
     return CTSDG(apply_overrides(TINY, overrides))

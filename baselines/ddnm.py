@@ -38,6 +38,7 @@ Variants: ``ddnm`` (CelebA-HQ, paper scale), ``ddnm_imagenet`` (ImageNet 256², 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
@@ -50,7 +51,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.errors import CheckpointError, NotTrainable, UserError, WeightsUnavailable
-from bench.methods import InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load, variant
+from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
+                           variant)
+from bench.state_dicts import consecutive_count, read_plain_checkpoint, tensor_shape
 from bench.weights import resolve_weights
 
 from baselines.ddnm_unet import OFFICIAL_NORM_GROUPS, GuidedUNet, SimpleUNet
@@ -126,6 +129,66 @@ def gaussian_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
         raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
     draws = [torch.randn(x.shape[1:], generator=g, device=g.device) for g in generator]
     return torch.stack(draws).to(x.device, x.dtype)
+
+
+#: how many bytes of noise :class:`PreDrawnNoise` draws (and copies to the device) at a time
+NOISE_CHUNK_BYTES = 64 * 2**20
+
+
+class PreDrawnNoise:
+    """The sampler's draws from CPU generators (one, or one per sample), made several steps at a time.
+
+    Drawing each step's noise on the CPU and copying it to a GPU with a blocking transfer makes every
+    sampling step wait for the device. Here the draws of up to ``chunk_bytes`` are made at once, into pinned
+    memory when the sampler runs on CUDA, and copied with one non-blocking transfer, so the host keeps
+    queueing the steps' work. Each generator makes the same draws in the same order as one
+    :func:`gaussian_like` call per step would, so the values are identical. Calling it returns the next draw.
+    """
+
+    def __init__(self, generator: torch.Generator | Sequence[torch.Generator], like: torch.Tensor, draws: int,
+                 chunk_bytes: int = NOISE_CHUNK_BYTES):
+        self.per_sample = not isinstance(generator, torch.Generator)
+        self.generators = list(generator) if self.per_sample else [generator]
+        if self.per_sample and len(self.generators) != like.shape[0]:
+            raise ValueError(f"{len(self.generators)} generators for a batch of {like.shape[0]}")
+        self.shape, self.device, self.dtype = tuple(like.shape), like.device, like.dtype
+        self.draw_dtype = torch.get_default_dtype()  # what gaussian_like draws in before converting
+        bytes_per_draw = like.numel() * self.draw_dtype.itemsize
+        self.chunk_draws = max(1, chunk_bytes // max(1, bytes_per_draw))
+        self.undrawn = draws
+        self.chunk: torch.Tensor | None = None
+        self.used = 0
+
+    def _draw_chunk(self) -> torch.Tensor:
+        count = min(self.chunk_draws, self.undrawn)
+        if count < 1:
+            raise RuntimeError("the sampler asked for more noise than it announced")
+        self.undrawn -= count
+        host = torch.empty((count, *self.shape), dtype=self.draw_dtype, pin_memory=self.device.type == "cuda")
+        for draw in host:  # draw by draw, as the sampler's steps would: each generator's sequence is unchanged
+            if self.per_sample:
+                for sample, generator in zip(draw, self.generators):
+                    torch.randn(sample.shape, generator=generator, out=sample)
+            else:
+                torch.randn(draw.shape, generator=self.generators[0], out=draw)
+        return host.to(self.device, self.dtype, non_blocking=True)
+
+    def __call__(self) -> torch.Tensor:
+        if self.chunk is None or self.used == len(self.chunk):
+            self.chunk, self.used = self._draw_chunk(), 0
+        self.used += 1
+        return self.chunk[self.used - 1]
+
+
+def noise_source(generator: Generators, like: torch.Tensor, draws: int) -> Callable[[], torch.Tensor]:
+    """Where the sampler's ``draws`` Gaussian draws shaped like ``like`` come from: :class:`PreDrawnNoise` for
+    CPU generators; otherwise :func:`gaussian_like` per draw (the global RNG or generators on the device
+    draw on the device itself, with nothing to copy)."""
+    if generator is not None:
+        generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        if all(g.device.type == "cpu" for g in generators):
+            return PreDrawnNoise(generator, like, draws)
+    return lambda: gaussian_like(like, generator)
 
 
 # ===================================================================== one denoising step
@@ -210,16 +273,18 @@ def ddnm_sample(eps_fn: EpsFn, y: torch.Tensor, known_mask: torch.Tensor, *, ste
     known = known_mask.to(y.dtype).expand_as(y)
     y = y * known
     update = UPDATES[solver]
+    pairs = timestep_pairs(steps, travel_length, travel_repeat, len(betas))
+    # one draw for x_T (unless given) and one per step, denoising or time travel
+    noise = noise_source(generator, y, len(pairs) + (initial_noise is None))
     if initial_noise is not None:
         if initial_noise.shape != y.shape:
             raise ValueError(f"initial_noise {tuple(initial_noise.shape)} does not match y {tuple(y.shape)}")
         x = initial_noise.to(y.device, y.dtype)
     else:
-        x = gaussian_like(y, generator)
+        x = noise()
     last_x0 = x  # replaced at the first step, which is always a denoising step
     batch = y.shape[0]
-    for current, following in tqdm(timestep_pairs(steps, travel_length, travel_repeat, len(betas)),
-                                   disable=not progress, leave=False, desc="ddnm"):
+    for current, following in tqdm(pairs, disable=not progress, leave=False, desc="ddnm"):
         if following < current:
             timesteps = torch.full((batch,), float(current), device=y.device)
             eps = eps_fn(x, timesteps)
@@ -228,10 +293,10 @@ def ddnm_sample(eps_fn: EpsFn, y: torch.Tensor, known_mask: torch.Tensor, *, ste
             if clip_x0:
                 last_x0 = last_x0.clamp(-1.0, 1.0)
             scalars = StepScalars(a_t, alpha_bar[following + 1], eta, 2.0 * sigma_y)
-            x = update(last_x0, eps, y, known, gaussian_like(x, generator), scalars)
+            x = update(last_x0, eps, y, known, noise(), scalars)
         else:  # time travel: diffuse the last x̂0|t forward to the later timestep
             a_next = alpha_bar[following + 1]
-            x = math.sqrt(a_next) * last_x0 + math.sqrt(1.0 - a_next) * gaussian_like(x, generator)
+            x = math.sqrt(a_next) * last_x0 + math.sqrt(1.0 - a_next) * noise()
     return x
 
 
@@ -249,6 +314,60 @@ def image_seed(seed: int, image: torch.Tensor, known: torch.Tensor) -> int:
 
 
 # ===================================================================== official checkpoints
+#: config fields that say where the U-Net's weights come from (not its shape)
+PRIOR_FIELDS = ("prior", "weights_key", "weights_path")
+#: config fields that decide the U-Net's layout, compared to tell which variant a file belongs to
+LAYOUT_FIELDS = ("network", "ch", "ch_mult", "num_res_blocks")
+
+
+def unet_layout(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any] | None:
+    """The U-Net layout of a DDPM state_dict, from its key names and shapes: the family, base width, width
+    multipliers, residual blocks per level, and the levels holding attention (0 = full resolution). ``None``
+    when it is neither the "simple" nor the "guided" U-Net."""
+    if "temb.dense.0.weight" in state and "conv_in.weight" in state:
+        what = "a DDPM U-Net (simple)"
+        ch = int(tensor_shape(state, "conv_in.weight", path, what)[0])
+        levels = consecutive_count(state, "down.")
+        blocks = consecutive_count(state, "down.0.block.")
+        widths = [int(tensor_shape(state, f"down.{level}.block.{blocks - 1}.conv2.weight", path, what)[0])
+                  for level in range(levels)]
+        attention = tuple(level for level in range(levels) if f"down.{level}.attn.0.q.weight" in state)
+        return {"network": "simple", "ch": ch, "ch_mult": _multipliers(widths, ch, path), "num_res_blocks": blocks,
+                "attention_levels": attention}
+    if "time_embed.0.weight" in state and "input_blocks.0.0.weight" in state:
+        what = "a guided-diffusion U-Net"
+        ch = int(tensor_shape(state, "time_embed.0.weight", path, what)[1])
+        outputs = consecutive_count(state, "output_blocks.")
+        # decoder levels hold blocks + 1 blocks, and every level but the finest ends with an upsampling block
+        # after its residual block (and attention): the first such output block gives the block count
+        upsampling = [j for j in range(outputs)
+                      if any(f"output_blocks.{j}.{i}.in_layers.2.weight" in state for i in (1, 2))]
+        per_level = upsampling[0] + 1 if upsampling else outputs
+        blocks, levels = per_level - 1, outputs // per_level
+        # input_blocks: the first conv, then per level its residual blocks and (but the last level) a downsampling
+        first = [1 + level * per_level for level in range(levels)]
+        widths = [int(tensor_shape(state, f"input_blocks.{i + blocks - 1}.0.out_layers.3.weight", path, what)[0])
+                  for i in first]
+        attention = tuple(level for level, i in enumerate(first) if f"input_blocks.{i}.1.qkv.weight" in state)
+        return {"network": "guided", "ch": ch, "ch_mult": _multipliers(widths, ch, path), "num_res_blocks": blocks,
+                "attention_levels": attention}
+    return None
+
+
+def _multipliers(widths: Sequence[int], ch: int, path: Path) -> tuple[Any, ...]:
+    if any(width % ch and (2 * width) % ch for width in widths):
+        raise CheckpointError(f"{path}: U-Net level widths {list(widths)} are not multiples of its base width {ch}")
+    return tuple(width // ch if width % ch == 0 else width / ch for width in widths)
+
+
+def preset_layout(config: DDNMConfig) -> dict[str, Any]:
+    """A preset's layout in :func:`unet_layout`'s terms (attention levels from its image size)."""
+    levels = tuple(level for level in range(len(config.ch_mult))
+                   if config.image_size // 2 ** level in config.attn_resolutions)
+    return {**{k: tuple(v) if isinstance(v, tuple) else v for k, v in
+               ((k, getattr(config, k)) for k in LAYOUT_FIELDS)}, "attention_levels": levels}
+
+
 def official_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
     """The U-Net weights of an official file.
 
@@ -356,6 +475,7 @@ class DDNM(InpaintingMethod):
         self.ema = copy.deepcopy(self.unet).requires_grad_(False) if config.ema_decay > 0 else None
         self.ema_updates = 0
         self.betas = linear_betas(config.num_timesteps, config.beta_start, config.beta_end)
+        self._alpha_bars: tuple[tuple[torch.device, torch.dtype], torch.Tensor] | None = None
         self.optimizers = {"unet": torch.optim.Adam(self.unet.parameters(), lr=config.lr, eps=config.adam_eps)}
         self._load_prior()
 
@@ -381,6 +501,70 @@ class DDNM(InpaintingMethod):
             return
         self.load_official(resolved.path)
         self.substitutions.pop("prior", None)
+
+    @classmethod
+    def inspect_official(cls, path: Path) -> CheckpointInfo | None:
+        """A DDPM U-Net file (SDEdit's bare state_dict, ermongroup/ddim's training list, guided-diffusion's
+        state_dict) read without building a network: the family and layout come from its keys and shapes. A
+        layout equal to a variant's preset (the official CelebA-HQ and ImageNet models, the tiny one) also
+        decides the image size and normalisation groups; otherwise the method keeps its image size and the
+        file decides at which levels attention sits. The file becomes the method's official prior
+        (``prior="official"``, ``weights_path`` = the file): the method samples with it and does not train."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        payload = read_plain_checkpoint(path)
+        if payload is None:
+            return None
+        try:
+            state = official_state_dict(payload, path)
+        except CheckpointError:
+            return None  # no state_dict of tensors: not a U-Net file
+        layout = unet_layout(state, path)
+        if layout is None:
+            return None
+        family = layout["network"]
+        matched = next((name for name, preset in VARIANT_CONFIGS.items() if preset_layout(preset) == layout), None)
+        config: dict[str, Any] = dict(layout)
+        if matched:
+            preset = VARIANT_CONFIGS[matched]
+            config.update(image_size=preset.image_size, attn_resolutions=tuple(preset.attn_resolutions),
+                          norm_groups=preset.norm_groups, head_channels=preset.head_channels)
+            del config["attention_levels"]
+        else:
+            widths = {layout["ch"]} | {int(layout["ch"] * m) for m in layout["ch_mult"]}
+            if family == "simple" and all(w % OFFICIAL_NORM_GROUPS == 0 for w in widths):
+                config["norm_groups"] = OFFICIAL_NORM_GROUPS  # every released model's; narrower ones keep theirs
+            if family == "guided" and all(w % 64 == 0 for w in widths):
+                config["head_channels"] = 64  # the released ImageNet models' head width
+        config.update(prior="official", weights_path=str(path),
+                      weights_key=IMAGENET_WEIGHTS if family == "guided" else CELEBA_HQ_WEIGHTS)
+        known = {"ddnm": "SDEdit's CelebA-HQ DDPM U-Net", "ddnm_imagenet": "guided-diffusion's ImageNet 256² U-Net"}
+        release = known.get(matched or "") or f"a DDPM U-Net ({family}, width {layout['ch']}, " \
+                                              f"{len(layout['ch_mult'])} levels)"
+        return CheckpointInfo(variant=matched or ("ddnm" if family == "simple" else "ddnm_imagenet"),
+                              format="official", config=config, networks=("unet",), release=release)
+
+    def reconfigure(self, values: dict[str, Any]) -> None:
+        """As the base class, with two DDNM specifics. ``attention_levels`` (from :meth:`inspect_official`)
+        become ``attn_resolutions`` at the image size in force, and the prior fields are set without resolving
+        any weights: :meth:`load` loads the file right after (the U-Net is rebuilt only when its shape changes)."""
+        values = dict(values)
+        levels = values.pop("attention_levels", None)
+        if levels is not None:
+            size = values.get("image_size", self.config.image_size)
+            values["attn_resolutions"] = tuple(size // 2 ** level for level in levels)
+        prior = {k: values.pop(k) for k in PRIOR_FIELDS if k in values}
+        if not prior:
+            super().reconfigure(values)
+            return
+        current = dataclasses.asdict(self.config)
+        if any(k in current and _as_lists(current[k]) != _as_lists(v) for k, v in values.items()):
+            super().reconfigure({**values, "prior": "none"})  # "none": the rebuilt U-Net resolves no weights
+        self.config = dataclasses.replace(self.config, **prior)
+        if prior.get("prior") == "official":  # sampling with given weights, as _load_prior would have set up
+            self.substitutions.pop("prior", None)
+            self.trainable = False
 
     def load_official(self, path: Path) -> None:
         """Official U-Net weights (SDEdit / DDIM / guided-diffusion layouts), loaded strictly; the method then
@@ -433,7 +617,7 @@ class DDNM(InpaintingMethod):
         return result
 
     # ----------------------------------------------------------------- training
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One DDPM ε-prediction step on the batch's images; the inpainting masks are ignored (DDNM's prior
         is unconditional).
 
@@ -450,21 +634,29 @@ class DDNM(InpaintingMethod):
         timesteps = torch.randint(0, self.config.num_timesteps, (count // 2 + 1,), device=x0.device)
         timesteps = torch.cat((timesteps, self.config.num_timesteps - 1 - timesteps))[:count]
         noise = torch.randn_like(x0)
-        alpha_bar = torch.as_tensor(np.cumprod(1.0 - self.betas), dtype=x0.dtype, device=x0.device)[timesteps]
-        alpha_bar = alpha_bar.view(-1, 1, 1, 1)
+        alpha_bar = self.training_alpha_bars(x0)[timesteps].view(-1, 1, 1, 1)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
         # ε only: a learned-variance head stays untrained (DDNM never uses it)
         squared_error = (noise - self.unet(x_t, timesteps.float())[:, :x0.shape[1]]).square()
         loss = squared_error.sum(dim=(1, 2, 3)).mean()
 
-        optimizer = self.optimizers["unet"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.optimizers["unet"].zero_grad(set_to_none=True)
+        self.backward(loss)
         if self.config.grad_clip:
+            self.unscale_gradients("unet")  # the clipping norm is in the gradients' true units
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
-        optimizer.step()
+        self.step("unet")
         self._update_ema()
-        return {"eps_loss": float(loss.detach()), "eps_mse": float(squared_error.detach().mean())}
+        return {"eps_loss": loss.detach(), "eps_mse": squared_error.detach().mean()}
+
+    def training_alpha_bars(self, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t of every training timestep on ``like``'s device and dtype, copied there once: a copy from the
+        host at every step would make each step wait for the device."""
+        where = (like.device, like.dtype)
+        if self._alpha_bars is None or self._alpha_bars[0] != where:
+            values = torch.as_tensor(np.cumprod(1.0 - self.betas), dtype=like.dtype, device=like.device)
+            self._alpha_bars = (where, values)
+        return self._alpha_bars[1]
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -496,13 +688,25 @@ TINY = DDNMConfig(image_size=64, ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1, 
                   norm_groups=8, steps=10, clip_x0=True, lr=1e-3, prior="none")
 
 
+#: each variant's preset (the ImageNet one as ddnm_imagenet builds it), for telling which a file belongs to
+VARIANT_CONFIGS = {
+    "ddnm": DDNMConfig(), "ddnm_tiny": TINY,
+    "ddnm_imagenet": DDNMConfig(network="guided", ch=256, attn_resolutions=(32, 16, 8), head_channels=64,
+                                ema_decay=0.9999, lr=1e-4, weights_key=IMAGENET_WEIGHTS)}
+
+
+def _as_lists(value: Any) -> Any:
+    """Config values compared by content (a tuple read back from YAML or JSON is a list)."""
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 def _build(name: str, base: DDNMConfig, overrides: dict[str, Any]) -> DDNM:
     method = DDNM(apply_overrides(base, overrides))
     method.name = name
     return method
 
 
-@variant(scale="paper", paper_name="DDNM")
+@variant(scale="paper", paper_name="DDNM", method_class=DDNM)
 def ddnm(**overrides: Any) -> DDNM:
     """The official CelebA-HQ configuration: 256², U-Net 113,673,219 parameters, 100 steps, η 0.85.
 
@@ -512,7 +716,7 @@ def ddnm(**overrides: Any) -> DDNM:
     return _build("ddnm", DDNMConfig(), overrides)
 
 
-@variant(scale="tiny", paper_name="DDNM")
+@variant(scale="tiny", paper_name="DDNM", method_class=DDNM)
 def ddnm_tiny(**overrides: Any) -> DDNM:
     """CPU-sized sanity row: a 4-level width-16 U-Net of the same family (384,083 parameters) trained here
     at 64² as a DDPM, sampled with 10 steps and x̂0 clipping. Few steps and a short training run give a
@@ -520,11 +724,9 @@ def ddnm_tiny(**overrides: Any) -> DDNM:
     return _build("ddnm_tiny", TINY, overrides)
 
 
-@variant(scale="paper", paper_name="DDNM")
+@variant(scale="paper", paper_name="DDNM", method_class=DDNM)
 def ddnm_imagenet(**overrides: Any) -> DDNM:
     """The official ImageNet configuration (configs/imagenet_256.yml): guided-diffusion's unconditional
     256² U-Net (552,814,086 parameters, 6 output channels), 100 steps, η 0.85. Samples with
     ``256x256_diffusion_uncond.pt`` when found, else trains the U-Net here (ε loss only, GPU-sized)."""
-    base = DDNMConfig(network="guided", ch=256, attn_resolutions=(32, 16, 8), head_channels=64,
-                      ema_decay=0.9999, lr=1e-4, weights_key=IMAGENET_WEIGHTS)
-    return _build("ddnm_imagenet", base, overrides)
+    return _build("ddnm_imagenet", VARIANT_CONFIGS["ddnm_imagenet"], overrides)

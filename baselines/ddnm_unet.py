@@ -97,11 +97,13 @@ class AttnBlock(nn.Module):
         batch, channels, height, width = x.shape
         normed = self.norm(x)
 
-        def tokens(projection: nn.Conv2d) -> torch.Tensor:  # [B, HW, C]
-            return projection(normed).flatten(2).transpose(1, 2)
+        def tokens(projection: nn.Conv2d) -> torch.Tensor:  # [B, 1 head, HW, C]
+            return projection(normed).flatten(2).transpose(1, 2).unsqueeze(1)
 
-        # softmax(q·kᵀ/√C)·v, the official attention; the fused kernel only saves memory
-        attended = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
+        # softmax(q·kᵀ/√C)·v, the official attention. The head axis is there because the fused CUDA kernels
+        # (flash, memory-efficient) take only [B, heads, L, d]: with 3-D inputs CUDA falls back to the
+        # unfused path, which materialises the HW×HW weights. Same function: on the CPU the same values.
+        attended = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v)).squeeze(1)
         attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.proj_out(attended)
 

@@ -52,6 +52,7 @@ Stages (``EdgeConnectConfig.stage``, the official ``--model`` 1–4)
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,8 +67,10 @@ from bench.errors import CheckpointError, UserError
 from bench.feature_losses import perceptual_loss, style_loss
 from bench.layers import FrozenNetworks
 from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss
-from bench.methods import InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load, variant
+from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
+                           variant)
 from bench.pretrained import loss_network
+from bench.state_dicts import consecutive_count, tensor_shape, without_prefix
 
 STAGES = ("edge", "inpaint", "edge_inpaint", "joint")
 FEATURE_NETWORKS = ("vgg19", "efficientnet_lite0")
@@ -76,6 +79,8 @@ STYLE_LAYERS = ("relu2_2", "relu3_4", "relu4_4", "relu5_2")
 #: the two official checkpoint files per model: (generator file, discriminator file)
 OFFICIAL_FILES = {"edge": ("EdgeModel_gen.pth", "EdgeModel_dis.pth"),
                   "inpaint": ("InpaintingModel_gen.pth", "InpaintingModel_dis.pth")}
+OFFICIAL_FILE_NAMES = tuple(name for files in OFFICIAL_FILES.values() for name in files)
+GENERATOR_FILES = tuple(generator for generator, _ in OFFICIAL_FILES.values())
 #: both generators downsample twice
 SIZE_MULTIPLE = 4
 DISCRIMINATOR_LOSSES = ("edge_d", "inpaint_d")
@@ -203,6 +208,26 @@ def run_padded(network: nn.Module, inputs: torch.Tensor, multiple: int = SIZE_MU
     return network(inputs)[..., :height, :width]
 
 
+# ===================================================================== host-side inputs (gray and Canny, CPU)
+def binary_holes(masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Harness masks binarised at 0.5 (1 = hole), as the official code reads its mask files."""
+    return (masks > 0.5).to(dtype)
+
+
+def training_edge_inputs(images: torch.Tensor, masks: torch.Tensor,
+                         sigma: float = DEFAULT_SIGMA) -> dict[str, torch.Tensor]:
+    """Gray image and Canny edges of the whole images (the official training dataset passes no mask)."""
+    gray, edges = gray_and_edges(images, sigma)
+    return {"gray": gray, "edges": edges}
+
+
+def inference_edge_inputs(images: torch.Tensor, masks: torch.Tensor,
+                          sigma: float = DEFAULT_SIGMA) -> dict[str, torch.Tensor]:
+    """Gray image and Canny edges of the known pixels only (the official test path)."""
+    gray, edges = gray_and_edges(images, sigma, binary_holes(masks, images.dtype))
+    return {"gray": gray, "edges": edges}
+
+
 # ===================================================================== losses (src/loss.py, src/models.py)
 def discriminator_loss(discriminator: PatchDiscriminator, real: torch.Tensor,
                        fake: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -273,9 +298,20 @@ class EdgeConnect(FrozenNetworks, InpaintingMethod):
         inputs = torch.cat((images * (1 - masks) + masks, edges), dim=1)
         return run_padded(self.inpaint_generator, inputs)
 
-    def inpaint(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        masks = (masks > 0.5).to(images.dtype)
-        gray, edges = gray_and_edges(images, self.config.canny_sigma, masks)
+    def host_preprocessing(self, purpose: str) -> functools.partial:
+        """Gray and Canny by scikit-image on the CPU, where the batch is before it goes to the device: of the
+        whole image for training, of the known pixels for :meth:`inpaint`."""
+        inputs = training_edge_inputs if purpose == "train" else inference_edge_inputs
+        return functools.partial(inputs, sigma=self.config.canny_sigma)
+
+    def inpaint(self, images: torch.Tensor, masks: torch.Tensor, gray: torch.Tensor | None = None,
+                edges: torch.Tensor | None = None) -> torch.Tensor:
+        """``gray`` and ``edges``: what ``host_preprocessing("inpaint")`` made of these images and masks (computed
+        here when absent)."""
+        masks = binary_holes(masks, images.dtype)
+        if gray is None or edges is None:
+            gray, edges = gray_and_edges(images, self.config.canny_sigma, masks)
+        gray, edges = gray.to(images.device), edges.to(images.device)
         with evaluating(self.edge_generator, self.inpaint_generator), torch.no_grad():
             predicted_edges = self.predict_edges(gray, edges, masks)
             return self.predict_image(images, predicted_edges, masks)
@@ -347,10 +383,14 @@ class EdgeConnect(FrozenNetworks, InpaintingMethod):
             "inpaint_g_style": style * config.style_weight,
         }
 
-    def stage_losses(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The losses of ``config.stage`` (src/edge_connect.py ``train``, models 1–4)."""
-        stage, sigma = self.config.stage, self.config.canny_sigma
-        gray, edges = gray_and_edges(images, sigma)  # training edges come from the whole image
+    def stage_losses(self, images: torch.Tensor, masks: torch.Tensor, gray: torch.Tensor | None = None,
+                     edges: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The losses of ``config.stage`` (src/edge_connect.py ``train``, models 1–4). ``gray`` and ``edges``:
+        :func:`training_edge_inputs` of the images, made on the host by the training loop (else here)."""
+        stage = self.config.stage
+        if gray is None or edges is None:
+            gray, edges = gray_and_edges(images, self.config.canny_sigma)  # training edges: the whole image
+        gray, edges = gray.to(images.device), edges.to(images.device)
         losses: dict[str, torch.Tensor] = {}
         if stage in ("edge", "joint"):
             predicted_edges, losses = self.edge_losses(gray, edges, masks)
@@ -369,27 +409,73 @@ class EdgeConnect(FrozenNetworks, InpaintingMethod):
         return {"edge": ("edge",), "inpaint": ("inpaint",), "edge_inpaint": ("inpaint",),
                 "joint": ("edge", "inpaint")}[self.config.stage]
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One step of ``config.stage``: discriminator and generator gradients first, then every update."""
         self.train()
         images = batch["image"].to(self.device)
-        masks = (batch["mask"].to(self.device) > 0.5).to(images.dtype)
+        masks = binary_holes(batch["mask"].to(self.device), images.dtype)
         models = self.trained_models()
-        optimizers = [self.optimizers[f"{m}_{role}"] for m in models for role in ("generator", "discriminator")]
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        losses = self.stage_losses(images, masks)
+        optimizer_names = [f"{m}_{role}" for m in models for role in ("generator", "discriminator")]
+        for name in optimizer_names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        losses = self.stage_losses(images, masks, batch.get("gray"), batch.get("edges"))
         discriminator_total = sum(v for k, v in losses.items() if k in DISCRIMINATOR_LOSSES)
         generator_total = sum(v for k, v in losses.items() if k not in DISCRIMINATOR_LOSSES)
-        discriminator_total.backward()
+        self.backward(discriminator_total)
         # G's adversarial terms went through D: only G's parameters receive this gradient (D's came from its own loss)
         generator_parameters = [p for m in models for p in getattr(self, f"{m}_generator").parameters()]
-        generator_total.backward(inputs=generator_parameters)
-        for optimizer in optimizers:
-            optimizer.step()
-        return {name: float(value.detach()) for name, value in losses.items()}
+        self.backward(generator_total, inputs=generator_parameters)
+        for name in optimizer_names:
+            self.step(name)
+        return {name: value.detach() for name, value in losses.items()}
 
     # ----------------------------------------------------------------- official checkpoints
+    @classmethod
+    def inspect_official(cls, path: Path) -> CheckpointInfo | None:
+        """An official release folder (``EdgeModel_gen.pth`` and ``InpaintingModel_gen.pth``, optionally the two
+        ``*_dis.pth``), read without building a network: the widths and block count come from its tensors.
+        A folder holding some of the official files but not both generators is a broken release (error); a
+        single official file is an error that names its folder; anything else is not an EdgeConnect release."""
+        path = Path(path)
+        if path.is_file():
+            if path.name in OFFICIAL_FILE_NAMES:
+                raise CheckpointError(f"{path}: one file of an EdgeConnect release; load the folder that holds it "
+                                      f"({path.parent}), which needs {' and '.join(GENERATOR_FILES)}")
+            return None
+        present = [name for name in OFFICIAL_FILE_NAMES if (path / name).is_file()]
+        if not present:
+            return None
+        missing = [name for name in GENERATOR_FILES if name not in present]
+        if missing:
+            raise CheckpointError(f"{path}: an EdgeConnect release folder without {' and '.join(missing)} "
+                                  f"(it needs {' and '.join(GENERATOR_FILES)}; the *_dis.pth files are optional)")
+        generators = {model: read_official_state(path / files[0], "generator")[0]
+                      for model, files in OFFICIAL_FILES.items()}
+        discriminators = {model: read_official_state(path / files[1], "discriminator")[0]
+                          for model, files in OFFICIAL_FILES.items() if files[1] in present}
+        shapes = {model: generator_shape(state, path / OFFICIAL_FILES[model][0]) for model, state in generators.items()}
+        if shapes["edge"] != shapes["inpaint"]:
+            raise CheckpointError(f"{path}: its edge generator has (channels, residual blocks) {shapes['edge']} "
+                                  f"and its inpainting generator {shapes['inpaint']}; the harness builds both alike")
+        base_channels, residual_blocks = shapes["edge"]
+        config: dict[str, Any] = {"base_channels": base_channels, "residual_blocks": residual_blocks}
+        variant_name = matching_variant(config)
+        widths = {int(tensor_shape(state, "conv1.0.weight_orig", path / OFFICIAL_FILES[model][1],
+                                   "an EdgeConnect discriminator")[0]) for model, state in discriminators.items()}
+        if len(widths) > 1:
+            raise CheckpointError(f"{path}: its two discriminators have different widths {sorted(widths)}; the harness "
+                                  "builds both alike")
+        # without a discriminator file the width is the one of the variant the generators match
+        config["discriminator_channels"] = (widths.pop() if widths
+                                            else VARIANT_CONFIGS[variant_name].discriminator_channels)
+        networks = tuple(f"{model}_generator" for model in generators) + tuple(
+            f"{model}_discriminator" for model in discriminators)
+        return CheckpointInfo(
+            variant=variant_name, format="official", config=config, networks=networks,
+            files=tuple(name for name in OFFICIAL_FILE_NAMES if name in present),
+            release=f"an EdgeConnect release folder ({base_channels} base channels, {residual_blocks} residual blocks"
+                    + ("" if discriminators else ", generators only") + ")")
+
     def load_official(self, path: Path) -> None:
         """The official checkpoint folder: ``EdgeModel_gen.pth`` and ``InpaintingModel_gen.pth`` (each
         ``{'generator': state_dict, 'iteration': n}``), loaded strictly; ``*_dis.pth`` too when present."""
@@ -415,9 +501,22 @@ def read_official_state(path: Path, key: str) -> tuple[dict[str, torch.Tensor], 
     state = payload.get(key) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{path}: expected an EdgeConnect file holding {{'{key}': state_dict, ...}}")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state, payload
+    return without_prefix(state, "module."), payload
+
+
+def generator_shape(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:
+    """(base channels, residual blocks) of an official generator state_dict: the first conv's output width
+    (``weight_orig`` under G1's spectral norm) and the number of ``middle.N`` blocks."""
+    key = "encoder.1.weight_orig" if "encoder.1.weight_orig" in state else "encoder.1.weight"
+    return int(tensor_shape(state, key, path, "an EdgeConnect generator")[0]), consecutive_count(state, "middle.")
+
+
+def matching_variant(shapes: dict[str, Any]) -> str:
+    """The variant whose preset has these shapes (``ec_tiny`` for CPU-sized files), else the paper's ``ec``."""
+    for name, config in VARIANT_CONFIGS.items():
+        if all(getattr(config, field) == value for field, value in shapes.items()):
+            return name
+    return "ec"
 
 
 def _vgg19_depth(layer: str) -> tuple[int, int]:
@@ -429,15 +528,17 @@ def _vgg19_depth(layer: str) -> tuple[int, int]:
 #: CPU-sized: 16 base channels (64 at the residual blocks), 2 residual blocks, 16-channel discriminators;
 #: trained at 64², batch 8 by the harness's default preset
 TINY = EdgeConnectConfig(base_channels=16, residual_blocks=2, discriminator_channels=16)
+#: each variant's preset, for telling which one an official folder's shapes belong to
+VARIANT_CONFIGS = {"ec": EdgeConnectConfig(), "ec_tiny": TINY}
 
 
-@variant(scale="paper", paper_name="EC")
+@variant(scale="paper", paper_name="EC", method_class=EdgeConnect)
 def ec(**overrides: Any) -> EdgeConnect:
     """The official sizes: G1 10,761,089, G2 10,774,595, D1 2,762,752, D2 2,763,776 parameters."""
     return EdgeConnect(apply_overrides(EdgeConnectConfig(), overrides))
 
 
-@variant(scale="tiny", paper_name="EC")
+@variant(scale="tiny", paper_name="EC", method_class=EdgeConnect)
 def ec_tiny(**overrides: Any) -> EdgeConnect:
     """CPU-sized EdgeConnect: the official layout, inference path and losses with fewer channels and blocks."""
     return EdgeConnect(apply_overrides(TINY, overrides))

@@ -32,8 +32,9 @@ from torchvision.models.resnet import Bottleneck
 
 from bench.errors import CheckpointError, UserError, WeightsUnavailable
 from bench.weights import resolve_weights
-from bench.methods import (InpaintingMethod, apply_overrides, load_state_dict_strict,
+from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict,
                            safe_torch_load, variant)
+from bench.state_dicts import consecutive_count, pickled_globals, tensor_shape
 
 #: generator output channels / input channels (masked RGB + mask), as configs/training/generator/*.yaml
 OUTPUT_CHANNELS = 3
@@ -41,6 +42,10 @@ INPUT_CHANNELS = 4
 PERCEPTUAL_CHOICES = ("auto", "ade20k_resnet50dilated", "efficientnet_lite0", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: where a release folder (big-lama, lama-fourier, ...) keeps its weights, beside config.yaml
+RELEASE_CHECKPOINT = Path("models") / "best.ckpt"
+#: configs/training/big-lama.yaml's generator depth; lama-fourier has LamaConfig's default (9)
+BIG_LAMA_BLOCKS = 18
 
 LocalGlobal = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -105,10 +110,12 @@ class FourierUnit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        spectrum = torch.fft.rfft2(x, norm="ortho")
+        # FFTs in float32 (no-op casts at fp32): under autocast the convolutions give bf16/fp16, which torch's
+        # FFTs refuse (bf16) or take only at power-of-two sizes (fp16 on CUDA)
+        spectrum = torch.fft.rfft2(x.float(), norm="ortho")
         # The official weights expect real and imaginary parts interleaved per channel (c0.re, c0.im, c1.re, …).
         stacked = torch.stack((spectrum.real, spectrum.imag), dim=2).reshape(batch, 2 * channels, height, -1)
-        stacked = self.relu(self.bn(self.conv_layer(stacked)))
+        stacked = self.relu(self.bn(self.conv_layer(stacked))).float()
         parts = stacked.reshape(batch, -1, 2, height, stacked.shape[-1])
         spectrum = torch.complex(parts[:, :, 0], parts[:, :, 1])
         return torch.fft.irfft2(spectrum, s=(height, width), norm="ortho")
@@ -478,10 +485,40 @@ def load_checkpoint_inertly(path: str | Path) -> Any:
     return safe_torch_load(path, extra_globals=inert_stand_ins(foreign))
 
 
+def official_lama_config(state: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """The :class:`LamaConfig` fields a LaMa state_dict decides, from the official ``generator.model.<i>`` layout:
+    ``model.1`` the first FFC (width ``ngf``), then the stride-2 FFCs, then the FFC ResNet blocks (``conv1``,
+    ``conv2``); the last downsampling splits its output into local and global channels (``ratio_g``)."""
+    what = "a LaMa generator"
+    ngf = int(tensor_shape(state, "generator.model.1.ffc.convl2l.weight", path, what)[0])
+    n_downsampling = 0  # FFCs right under model.<i> (a block's sit under model.<i>.conv1 / .conv2)
+    while f"generator.model.{2 + n_downsampling}.ffc.convl2l.weight" in state:
+        n_downsampling += 1
+    n_blocks = 0
+    while f"generator.model.{2 + n_downsampling + n_blocks}.conv1.ffc.convl2l.weight" in state:
+        n_blocks += 1
+    last = f"generator.model.{1 + n_downsampling}.ffc"
+    local = int(tensor_shape(state, f"{last}.convl2l.weight", path, what)[0])
+    global_ = int(tensor_shape(state, f"{last}.convl2g.weight", path, what)[0])
+    width = local + global_
+    # the official 0.75 when it gives this split, else the plain fraction, else one that survives int() rounding
+    ratio_g = next(r for r in (LamaConfig().ratio_g, global_ / width, (global_ + 0.5) / width)
+                   if int(width * r) == global_)
+    config: dict[str, Any] = {"ngf": ngf, "n_downsampling": n_downsampling, "n_blocks": n_blocks, "ratio_g": ratio_g,
+                              # the official cap (1024) unless the file's bottleneck is narrower than ngf·2^n
+                              "max_features": width if width < ngf * 2 ** n_downsampling
+                              else max(LamaConfig().max_features, width)}
+    if "discriminator.model0.0.weight" in state:
+        config["disc_ndf"] = int(state["discriminator.model0.0.weight"].shape[0])
+        # pix2pixHD: model0 (first conv), n_layers − 1 strided stages, one stride-1 stage, the output conv
+        config["disc_n_layers"] = consecutive_count(state, "discriminator.model") - 2
+    return config
+
+
 def official_checkpoint_file(path: Path) -> Path:
     """The big-lama release is a folder with ``config.yaml`` and ``models/best.ckpt``; accept either."""
     if path.is_dir():
-        candidate = path / "models" / "best.ckpt"
+        candidate = path / RELEASE_CHECKPOINT
         if not candidate.is_file():
             raise UserError(f"{path}: folder has no models/best.ckpt (expected the official LaMa release layout)")
         return candidate
@@ -641,14 +678,14 @@ class LaMa(InpaintingMethod):
                 "discr_real_out": real_logits.detach().mean(), "discr_fake_out": fake_logits.detach().mean()}
 
     def _optimize(self, key: str, network: nn.Module, loss: torch.Tensor) -> None:
-        optimizer = self.optimizers[key]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.optimizers[key].zero_grad(set_to_none=True)
+        self.backward(loss)
         if self.config.grad_clip_norm:
+            self.unscale_gradients(key)  # the clipping norm is in the gradients' true units
             torch.nn.utils.clip_grad_norm_(network.parameters(), self.config.grad_clip_norm)
-        optimizer.step()
+        self.step(key)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One generator and one discriminator update, in the official order (Lightning optimizer 0 then 1).
 
         As in the official loop the discriminator step re-runs the (just updated) generator in train
@@ -672,9 +709,60 @@ class LaMa(InpaintingMethod):
         self._optimize("discriminator", self.discriminator, discriminator_losses["discr_adv"])
         _set_requires_grad(self.generator, True)
 
-        return {key: float(value.detach()) for key, value in {**generator_losses, **discriminator_losses}.items()}
+        return {key: value.detach() for key, value in {**generator_losses, **discriminator_losses}.items()}
 
     # ----------------------------------------------------------------- checkpoints
+    @classmethod
+    def inspect_official(cls, path: Path) -> CheckpointInfo | None:
+        """A release folder (``config.yaml`` + ``models/best.ckpt``) or a Lightning checkpoint, read inertly and
+        without building a network: the FFC block count, widths, global ratio and the discriminator's depth and
+        width come from the tensors. 18 blocks are big-lama (variant ``big_lama``), 9 lama-fourier. A folder
+        with LaMa's layout or a Lightning file that is not a usable LaMa checkpoint is an error; anything else
+        is not LaMa's (``None``)."""
+        path = Path(path)
+        if path.is_dir():
+            checkpoint = path / RELEASE_CHECKPOINT
+            if not checkpoint.is_file():
+                if (path / "config.yaml").is_file() and (path / "models").is_dir():
+                    raise CheckpointError(f"{path}: a LaMa release folder without {RELEASE_CHECKPOINT}")
+                return None
+            claimed, files = True, (RELEASE_CHECKPOINT.as_posix(),)
+        elif path.is_file():
+            checkpoint, claimed, files = path, False, ()
+        else:
+            return None
+        refusal = None
+        try:
+            payload = safe_torch_load(checkpoint)
+        except CheckpointError as exc:
+            if not pickled_globals(checkpoint):
+                raise  # truncated or not a torch file: nobody can read it
+            refusal = exc  # Python objects inside: Lightning files pickle their configs and callbacks
+            payload = load_checkpoint_inertly(checkpoint)  # still refuses blocked globals such as os.system
+        lightning = isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
+        state = payload["state_dict"] if lightning else payload
+        if not isinstance(state, dict) or "generator.model.1.ffc.convl2l.weight" not in state:
+            if claimed or lightning:
+                prefixes = sorted({str(k).split(".", 1)[0] for k in state}) if isinstance(state, dict) else []
+                raise CheckpointError(f"{checkpoint}: no generator.* keys of a LaMa FFC generator (top-level "
+                                      f"prefixes: {', '.join(prefixes) or 'none'}); is this a LaMa checkpoint?")
+            if refusal is not None:  # objects the safe loader refuses and no LaMa weights: say that, not "unknown"
+                raise refusal
+            return None
+        config = official_lama_config(state, checkpoint)
+        blocks = config["n_blocks"]
+        variant_name = ("big_lama" if blocks == BIG_LAMA_BLOCKS else
+                        "lama_tiny" if all(getattr(TINY, k) == v for k, v in config.items()) else "lama_fourier")
+        name = {BIG_LAMA_BLOCKS: "big-lama ", LamaConfig().n_blocks: "lama-fourier "}.get(blocks, "")
+        has_discriminator = "disc_ndf" in config
+        if not has_discriminator:  # the discriminator then has the sizes of the variant the generator matches
+            preset = TINY if variant_name == "lama_tiny" else LamaConfig()
+            config.update(disc_ndf=preset.disc_ndf, disc_n_layers=preset.disc_n_layers)
+        networks = ("generator", "discriminator") if has_discriminator else ("generator",)
+        return CheckpointInfo(variant=variant_name, format="official", config=config, networks=networks, files=files,
+                              release=f"a LaMa {name}release ({blocks} FFC blocks"
+                                      + (")" if has_discriminator else ", generator only)"))
+
     def load_official(self, path: Path) -> None:
         """The official release: a big-lama folder or its ``best.ckpt`` (Lightning, foreign globals inert)."""
         path = official_checkpoint_file(Path(path))
@@ -682,10 +770,9 @@ class LaMa(InpaintingMethod):
 
     def load_official_payload(self, payload: Any, path: Path) -> None:
         """Generator strictly from ``generator.*``; discriminator strictly from ``discriminator.*`` when the
-        file has any (a generator-only file keeps the current discriminator, with a warning)."""
+        file has any (a generator-only file keeps the current discriminator; :meth:`load` warns)."""
         kept, ignored = split_official_state(state_dict_of(payload, path), path)
-        if not any(k.startswith("discriminator.") for k in kept):
-            warnings.warn(f"{path}: no discriminator.* keys; the discriminator keeps its current weights")
+        if not any(k.startswith("discriminator.") for k in kept):  # load() warns about generator-only releases
             kept.update({f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()})
         load_state_dict_strict(self, kept, what=str(path))
         self.ignored_checkpoint_prefixes = ignored
@@ -710,19 +797,19 @@ def _build(name: str, base: LamaConfig, overrides: dict[str, Any]) -> LaMa:
     return method
 
 
-@variant(scale="tiny", paper_name="LaMa-Fourier")
+@variant(scale="tiny", paper_name="LaMa-Fourier", method_class=LaMa)
 def lama_tiny(**overrides: Any) -> LaMa:
     """CPU-sized LaMa (ngf 16, 2 FFC blocks, ndf 16) with the official losses and optimiser settings."""
     return _build("lama_tiny", TINY, overrides)
 
 
-@variant(scale="paper", paper_name="LaMa-Fourier")
+@variant(scale="paper", paper_name="LaMa-Fourier", method_class=LaMa)
 def lama_fourier(**overrides: Any) -> LaMa:
     """configs/training/lama-fourier.yaml: 9 FFC blocks, generator 27,048,835 parameters."""
     return _build("lama_fourier", LamaConfig(), overrides)
 
 
-@variant(scale="paper", paper_name="big-LaMa")
+@variant(scale="paper", paper_name="big-LaMa", method_class=LaMa)
 def big_lama(**overrides: Any) -> LaMa:
     """configs/training/big-lama.yaml: 18 FFC blocks, generator 50,975,875 parameters (the released model)."""
-    return _build("big_lama", dataclasses.replace(LamaConfig(), n_blocks=18), overrides)
+    return _build("big_lama", dataclasses.replace(LamaConfig(), n_blocks=BIG_LAMA_BLOCKS), overrides)

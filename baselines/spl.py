@@ -28,8 +28,10 @@ Teacher (training only)
   the paper's; SPL reads layer2, SPN conv1/layer1/layer2), or offline the pretrained EfficientNet-Lite0 at
   strides 2/4/8 (``"efficientnet_lite0"``, the default, recorded in ``substitutions``). The 1×1 prior heads
   are sized for the configured teacher (:data:`TEACHER_CHANNELS`). The teacher is built on the first training
-  step, so inference never needs its weights: an official checkpoint (TResNet-sized heads) is evaluated with
-  ``teacher="tresnet_l"`` without the ASL file; with the Lite0 teacher configured, loading one fails and says so.
+  step, so inference never needs its weights. Loading an official checkpoint configures the method from it
+  (:meth:`SemanticPriorInpainting.inspect_official`): TResNet-sized heads set ``teacher="tresnet_l"`` and every
+  width and block count is the file's, so ``create_method("spl").load(file)`` evaluates it without the ASL file
+  (fine-tuning it needs that file, as training always does).
 
 Training (main.py) per step: D on (real image, detached prediction), nsgan, (real + fake) / 2, one Adam step;
 then G: 1.0 × adversarial + 10 × mean(|pred − gt|·(1 + 2m)) + w_prior × Σ_scales mean(|prior − teacher|·
@@ -61,7 +63,9 @@ from bench.discriminators import PatchDiscriminator
 from bench.errors import CheckpointError, UserError
 from bench.layers import FrozenNetworks
 from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss, hole_weighted_l1
-from bench.methods import InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load, variant
+from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
+                           variant)
+from bench.state_dicts import consecutive_count, is_state_dict, read_plain_checkpoint, tensor_shape
 from bench.teacher import PAPER_TEACHER, TEACHER_NAMES, SemanticTeacher, create_teacher, substitution_note
 
 #: channels of the teacher maps each method's prior heads predict (finest first), per teacher
@@ -506,6 +510,11 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Ten
 
 
 # ===================================================================== the methods
+def forget_host_step_count(module: nn.Module, incompatible_keys: Any) -> None:
+    """After a load the host's mirror of ``steps_done`` may be stale: the schedule re-reads the buffer."""
+    module.steps_done_on_host = None
+
+
 class SemanticPriorInpainting(FrozenNetworks, InpaintingMethod):
     """Generator, PatchGAN discriminator, their Adam optimisers, a step counter (for the schedule, saved with
     the weights) and the frozen teacher (held outside ``state_dict``, built on the first training step)."""
@@ -528,6 +537,10 @@ class SemanticPriorInpainting(FrozenNetworks, InpaintingMethod):
             "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=config.d_lr, betas=betas),
         }
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        # The count the schedule reads, mirrored on the host: reading the buffer at every step would wait for the
+        # device. None after any load_state_dict: then read from the buffer once.
+        self.steps_done_on_host: int | None = 0
+        self.register_load_state_dict_post_hook(forget_host_step_count)
         if config.teacher != "tresnet_l":  # completed with the weights' provenance when the teacher is built
             self.substitutions["teacher"] = (f"{config.teacher} (pretrained ImageNet) instead of {PAPER_TEACHER}"
                                              f"{self.teacher_use}")
@@ -576,12 +589,14 @@ class SemanticPriorInpainting(FrozenNetworks, InpaintingMethod):
     # ----------------------------------------------------------------- training
     def schedule(self) -> tuple[float, float]:
         """(learning-rate factor, prior-loss weight) for the next step, from the steps already done."""
-        config, done = self.config, int(self.steps_done)
+        if self.steps_done_on_host is None:
+            self.steps_done_on_host = int(self.steps_done)
+        config, done = self.config, self.steps_done_on_host
         lr_factor = config.lr_decay_factor if config.lr_decay_step is not None and done >= config.lr_decay_step else 1.0
         cut = config.prior_cut_step is not None and done >= config.prior_cut_step
         return lr_factor, 0.0 if cut else config.prior_weight
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """main.py's step: the discriminator first, then the generator against the updated discriminator."""
         config = self.config
         self.train()
@@ -599,8 +614,8 @@ class SemanticPriorInpainting(FrozenNetworks, InpaintingMethod):
         fake_logits, _ = self.discriminator(prediction.detach())
         d_loss = discriminator_adversarial_loss(real_logits, fake_logits) / 2
         self.optimizers["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.optimizers["discriminator"].step()
+        self.backward(d_loss)
+        self.step("discriminator")
 
         self.discriminator.requires_grad_(False)
         try:
@@ -611,13 +626,54 @@ class SemanticPriorInpainting(FrozenNetworks, InpaintingMethod):
         prior = semantic_prior_loss(priors, targets, masks, config.prior_hole_weight)
         total = config.adv_weight * adversarial + config.l1_weight * l1 + prior_weight * prior
         self.optimizers["generator"].zero_grad(set_to_none=True)
-        total.backward()
-        self.optimizers["generator"].step()
+        self.backward(total)
+        self.step("generator")
         self.steps_done += 1
-        return {"g_adv": float(adversarial.detach()), "g_l1": float(l1.detach()), "g_prior": float(prior.detach()),
-                "g_total": float(total.detach()), "d": float(d_loss.detach())}
+        self.steps_done_on_host += 1
+        return {"g_adv": adversarial.detach(), "g_l1": l1.detach(), "g_prior": prior.detach(),
+                "g_total": total.detach(), "d": d_loss.detach()}
 
     # ----------------------------------------------------------------- official checkpoints
+    @classmethod
+    def inspect_official(cls, path: Path) -> CheckpointInfo | None:
+        """An official file (``InpaintingModel.state_dict()``: ``generator[.module].*``, ``discriminator[.module].*``
+        and the teacher's ``tresnet_xL_hold.*``) of this class's kind, read without building a network. The
+        prior heads' widths tell the teacher they were trained for (:data:`TEACHER_CHANNELS`); every width and
+        block count of the generator and the discriminator's width come from the tensors. SPN files are told
+        from SPL ones by the layout pyramid (``feature_recon_decoder``)."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        payload = read_plain_checkpoint(path)
+        if not is_state_dict(payload):
+            return None
+        parts = split_official_state(payload)
+        generator, discriminator = parts["generator"], parts["discriminator"]
+        if not generator:
+            if "conv1.0.weight_orig" in discriminator:  # this family's PatchGAN alone: the generator is missing
+                raise CheckpointError(f"{path}: no generator.* keys beside its discriminator; an official SPL/SPN "
+                                      "checkpoint holds generator.module.* and discriminator.module.*")
+            return None
+        if "encoder_conv1_sm.weight" not in generator:
+            return None  # another method's generator (LaMa's generator.model.*, say)
+        pyramid = ("feature_recon_decoder.", "feature_mapping_128.")
+        kind = "spn" if any(k.startswith(pyramid) for k in generator) else "spl"
+        if kind != cls.kind:
+            return None
+        config = official_generator_config(generator, path, kind)
+        variant_name = next((name for name, preset in VARIANT_SHAPES[kind].items()
+                             if all(_same(getattr(preset, k), v) for k, v in config.items() if k != "teacher")), kind)
+        if discriminator:
+            config["disc_channels"] = int(tensor_shape(discriminator, "conv1.0.weight_orig", path,
+                                                       f"an {kind.upper()} discriminator")[0])
+        else:
+            config["disc_channels"] = VARIANT_SHAPES[kind][variant_name].disc_channels
+        networks = ("generator", "discriminator") if discriminator else ("generator",)
+        size = "paper-size" if variant_name == kind else f"shapes of {variant_name}"
+        return CheckpointInfo(variant=variant_name, format="official", config=config, networks=networks,
+                              release=f"an {kind.upper()} release file ({config['teacher']} prior heads, {size}"
+                                      + (")" if discriminator else ", generator only)"))
+
     def load_official(self, path: Path) -> None:
         """The official checkpoint: ``InpaintingModel.state_dict()`` as main.py saves it under DDP
         (``generator.module.*``, ``discriminator.module.*``, plus the TResNet teacher ``tresnet_xL_hold.*`` and
@@ -654,6 +710,43 @@ class SemanticPriorInpainting(FrozenNetworks, InpaintingMethod):
                     f"{self.kind.upper()} is configured with teacher={self.config.teacher!r} "
                     f"({self.teacher_channels}); create it with teacher={teacher!r} (the teacher is only used "
                     "for training, so evaluating needs no teacher weights)")
+
+
+def official_generator_config(state: dict[str, torch.Tensor], path: Path, kind: str) -> dict[str, Any]:
+    """The :class:`SemanticPriorConfig` fields a generator state_dict decides, read from its tensor shapes."""
+    what = f"an {kind.upper()} generator"
+
+    def width(key: str) -> int:
+        return int(tensor_shape(state, key, path, what)[0])
+
+    heads = ("feature_mapping_256", "feature_mapping_128", "feature_mapping") if kind == "spn" else ("feature_mapping",)
+    head_widths = tuple(width(f"{head}.weight") for head in heads)
+    teacher = next((name for name, widths in TEACHER_CHANNELS[kind].items() if widths == head_widths), None)
+    if teacher is None:
+        known = "; ".join(f"{name}: {widths}" for name, widths in TEACHER_CHANNELS[kind].items())
+        raise CheckpointError(f"{path}: its prior heads predict {head_widths} channels, which fit no teacher the "
+                              f"harness has ({known})")
+    # SPADE's hidden width: the middle blocks', or SPN's decoder blocks' when there are no middle blocks
+    spade = next((k for k in ("middle.0.conv_block.0.mlp_shared.0.weight", "decoder.1.conv_block.0.mlp_shared.0.weight")
+                  if k in state), "middle.0.conv_block.0.mlp_shared.0.weight")
+    config: dict[str, Any] = {
+        "image_channels": tuple(width(f"encoder_conv{i}.weight") for i in (1, 2, 3)),
+        "prior_channels": tuple(width(f"encoder_conv{i}_sm.weight") for i in (1, 2, 3)),
+        "layout_channels": width("encoder_conv4_sm.weight"),
+        "dense_blocks": consecutive_count(state, "rdbs."),
+        "dense_growth": width("rdbs.0.layers.0.conv.weight"),
+        "dense_layers": consecutive_count(state, "rdbs.0.layers."),
+        "layout_blocks": consecutive_count(state, "feature_recon."),
+        "spade_blocks": consecutive_count(state, "middle."),
+        "teacher": teacher,
+    }
+    if kind == "spn" or config["spade_blocks"]:
+        config["spade_hidden"] = width(spade)
+    return config
+
+
+def _same(preset_value: Any, value: Any) -> bool:
+    return tuple(preset_value) == tuple(value) if isinstance(value, tuple) else preset_value == value
 
 
 def split_official_state(payload: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -694,6 +787,11 @@ TINY: dict[str, Any] = dict(
     dense_layers=3, layout_blocks=1, spade_blocks=2, spade_hidden=16, disc_channels=16)
 
 
+#: each variant's preset, for telling which one an official file's shapes belong to
+VARIANT_SHAPES: dict[str, dict[str, SemanticPriorConfig]] = {
+    kind: {kind: SemanticPriorConfig(), f"{kind}_tiny": SemanticPriorConfig(**TINY)} for kind in ("spl", "spn")}
+
+
 def _build(cls: type[SemanticPriorInpainting], name: str, base: dict[str, Any],
            overrides: dict[str, Any]) -> SemanticPriorInpainting:
     method = cls(apply_overrides(SemanticPriorConfig(**base), overrides))
@@ -701,25 +799,25 @@ def _build(cls: type[SemanticPriorInpainting], name: str, base: dict[str, Any],
     return method
 
 
-@variant(scale="paper", paper_name="SPL")
+@variant(scale="paper", paper_name="SPL", method_class=SPL)
 def spl(**overrides: Any) -> SPL:
     """Official sizes: generator 45,597,223 parameters with the TResNet-L heads, discriminator 2,763,776."""
     return _build(SPL, "spl", {}, overrides)
 
 
-@variant(scale="tiny", paper_name="SPL")
+@variant(scale="tiny", paper_name="SPL", method_class=SPL)
 def spl_tiny(**overrides: Any) -> SPL:
     """CPU-sized SPL: the official layout, inference path and losses with fewer channels and blocks."""
     return _build(SPL, "spl_tiny", TINY, overrides)
 
 
-@variant(scale="paper", paper_name="SPN")
+@variant(scale="paper", paper_name="SPN", method_class=SPN)
 def spn(**overrides: Any) -> SPN:
     """Official sizes: generator 50,702,643 parameters with the TResNet-L heads, discriminator 2,763,776."""
     return _build(SPN, "spn", {}, overrides)
 
 
-@variant(scale="tiny", paper_name="SPN")
+@variant(scale="tiny", paper_name="SPN", method_class=SPN)
 def spn_tiny(**overrides: Any) -> SPN:
     """CPU-sized SPN: the official pyramid and decoder with fewer channels and blocks."""
     return _build(SPN, "spn_tiny", TINY, overrides)

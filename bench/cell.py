@@ -1,6 +1,17 @@
 """One benchmark cell (method × dataset × seed): train if the method trains, then evaluate on the frozen
-manifest. The same function runs in-process or as a Ray task; it is idempotent (a finished cell is
-read back, an unfinished training resumes from its checkpoint)."""
+manifest. The same functions run in-process or as Ray tasks; each is idempotent (a finished cell is
+read back, an unfinished training resumes from its checkpoint, a finished shard is kept).
+
+A cell in one piece is :func:`run_cell`: train, evaluate every pair, write. A cell whose pairs are split
+into shards (:mod:`bench.shards`) runs as :func:`train_cell` (once, first), :func:`evaluate_shard` (once per
+shard, anywhere, in any order: each loads the trained weights from ``model.pt`` or the published ones) and
+:func:`finish_cell` (merge, ground-truth features, ``cell.json``). Files of a cell folder:
+
+  trained.json   training is finished (or there was none): whether the weights are ``model.pt``, how long
+  model.pt       the trained weights; losses.csv the loss curves; train_state.pt the resumable checkpoint
+  shards/        the shards' results until they are merged
+  cell.json      the record, written last: the cell is finished
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -16,16 +27,22 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
+from bench.checkpoints import PublishedWeights, verify_unchanged
+from bench import devices
 from bench.config import BenchmarkConfig, TrainConfig
 from bench.datasets import load_image_set
-from bench.evaluate import evaluate, write_csv_atomic
-from bench.manifest import PROTOCOL_VERSION, load_manifest
+from bench.evaluate import (PairResults, cached_ground_truth_features, evaluate_pairs, ground_truth_features,
+                            write_csv_atomic, write_results)
+from bench.manifest import PROTOCOL_VERSION, Manifest, load_manifest
 from bench.errors import UserError
-from bench.methods import apply_overrides, create_method
+from bench.methods import InpaintingMethod, apply_overrides, create_method, get_factory
 from bench.scoring import Scorer
+from bench.shards import (SHARD_DONE, SHARDS_FOLDER, Shard, automatic_shard_pairs, merge_shards, read_shard_done,
+                          remove_shards, shard_layout, write_shard)
 
 EMBEDDED_SUITES = ("faces", "scenes", "facades")
 DONE_FILE = "cell.json"
+TRAINED_FILE = "trained.json"
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ class CellSpec:
     seed: int
     cell_dir: str  # absolute
     manifest_dir: str  # absolute
+    weights: PublishedWeights | None = None  # the checkpoint the cell loads (checked by the driver)
 
     @property
     def key(self) -> str:
@@ -66,10 +84,10 @@ def cached_scorer(device: str, inception_path: str | None, lpips_path: str | Non
                   compile_pixel_metrics=compile_metrics)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def resolve_device(name: str, *, gpus_per_cell: float | None = None) -> torch.device:
+    """The device a cell runs on, from its own request (:func:`bench.devices.resolve_device`): ``auto`` is the
+    CPU when it asks for no GPU, under Ray and with --serial alike; under Ray ``cuda:N`` is its N-th own GPU."""
+    return devices.resolve_device(name, gpus_per_cell=gpus_per_cell)
 
 
 def cell_train_config(config: BenchmarkConfig, cell: CellSpec) -> TrainConfig:
@@ -79,18 +97,26 @@ def cell_train_config(config: BenchmarkConfig, cell: CellSpec) -> TrainConfig:
 
 def cell_fingerprint(config: BenchmarkConfig, cell: CellSpec) -> str:
     """Digest of every option that changes a cell's numbers, so stale results are never reused."""
+    train = dataclasses.asdict(cell_train_config(config, cell))
+    if not train["finetune"]:  # a field added later: absent when unset, so earlier results keep their fingerprints
+        del train["finetune"]
     relevant = {"method": cell.method, "options": config.method_options.get(cell.method, {}),
-                "train": dataclasses.asdict(cell_train_config(config, cell)), "dataset": cell.dataset,
+                "train": train, "dataset": cell.dataset,
                 "image_size": config.data.image_size, "train_limit": config.data.train_limit,
                 "manifest": cell.manifest_dir, "inception": config.inception_weights, "lpips": config.lpips_weights}
     if config.compile_metrics:  # only when set, so results of earlier runs keep their fingerprints
         relevant["compile_metrics"] = True
+    if config.resources.deterministic:  # only when set, like compile_metrics
+        relevant["deterministic"] = True
+    if cell.weights is not None:  # the bytes, not the path: a replaced file never reuses old results
+        relevant["weights_sha256"] = cell.weights.sha256
+    if config.resources.precision != "fp32":  # only when set, like compile_metrics
+        relevant["precision"] = config.resources.precision
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_done(cell_dir: str | os.PathLike) -> dict[str, Any] | None:
-    path = Path(cell_dir) / DONE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(Path(cell_dir) / DONE_FILE)
 
 
 def write_json_atomic(data: dict[str, Any], path: Path) -> None:
@@ -99,58 +125,237 @@ def write_json_atomic(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
-             on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Run (or read back) one cell; returns the record written to ``cell.json``."""
-    fingerprint = cell_fingerprint(config, cell)
-    done = read_done(cell.cell_dir)
-    if done is not None:
-        if done.get("fingerprint", fingerprint) != fingerprint:
-            raise UserError(f"{cell.cell_dir} holds results made with other options; use a new --out "
-                            "or delete that folder")
-        return done
-    cell_dir = Path(cell.cell_dir)
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    dataset = parse_dataset(cell.dataset)
-    device = resolve_device(config.resources.device)
+def read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
-    torch.manual_seed(cell.seed)  # weight initialisation is part of the seeded config
-    method = create_method(cell.method, **config.method_options.get(cell.method, {})).to(device)
+
+def cell_device(config: BenchmarkConfig) -> torch.device:
+    return resolve_device(config.resources.device, gpus_per_cell=config.resources.gpus_per_cell)
+
+
+def cell_scorer(config: BenchmarkConfig, device: torch.device) -> Scorer:
+    return cached_scorer(str(device), config.inception_weights, config.lpips_weights, config.compile_metrics)
+
+
+def check_fingerprint(config: BenchmarkConfig, cell: CellSpec) -> dict[str, Any] | None:
+    """The cell's record when it is finished (made with the same options), else None."""
+    done = read_done(cell.cell_dir)
+    if done is not None and done.get("fingerprint", cell_fingerprint(config, cell)) != cell_fingerprint(config, cell):
+        raise UserError(f"{cell.cell_dir} holds results made with other options; use a new --out or delete that folder")
+    return done
+
+
+def cell_shards(config: BenchmarkConfig, cell: CellSpec) -> list[Shard]:
+    """The shards of a cell run alone in this process (--serial): ``--eval-shard-pairs``, or one piece."""
+    return plan_cell_shards(config, [cell], slots=1)[cell]
+
+
+def finished_shard_size(cell: CellSpec, pairs: int, batch_size: int) -> int | None:
+    """Pairs per shard of the shards an earlier run finished in this cell (None if there are none, or they do
+    not form one layout with ``batch_size``): automatic sharding keeps that layout, so no finished shard is lost."""
+    folder = Path(cell.cell_dir) / SHARDS_FOLDER
+    ranges = sorted(tuple(int(n) for n in done.parent.name.split("-")) for done in folder.glob(f"*/{SHARD_DONE}"))
+    if not ranges:
+        return None
+    size = max(stop - start for start, stop in ranges)  # the last shard may be shorter
+    layout = {(shard.start, shard.stop) for shard in shard_layout(pairs, batch_size, size)}
+    return size if set(ranges) <= layout and size % batch_size == 0 else None
+
+
+def plan_cell_shards(config: BenchmarkConfig, cells: list[CellSpec], slots: int) -> dict[CellSpec, list[Shard]]:
+    """The shards of every cell: ``--eval-shard-pairs`` pairs each, or with 0 the automatic size for ``slots``
+    cells at once (:func:`bench.shards.automatic_shard_pairs`) — except that a cell an earlier run sharded keeps
+    its layout. Pair counts come from the frozen manifests."""
+    counts: dict[str, int] = {}
+    for cell in cells:
+        if cell.manifest_dir not in counts:
+            counts[cell.manifest_dir] = len(load_manifest(cell.manifest_dir).pairs)
+    pairs = {cell: counts[cell.manifest_dir] for cell in cells}
+    size = config.eval_shard_pairs or automatic_shard_pairs(list(pairs.values()), slots)
+    layouts = {}
+    for cell in cells:
+        kept = None if config.eval_shard_pairs else finished_shard_size(cell, pairs[cell], config.eval_batch_size)
+        layouts[cell] = shard_layout(pairs[cell], config.eval_batch_size, kept or size)
+    return layouts
+
+
+def cell_method(config: BenchmarkConfig, cell: CellSpec, device: torch.device, trained: bool) -> InpaintingMethod:
+    """The cell's method as it evaluates: created with the cell's seed (weight initialisation is part of the
+    seeded config), then its trained weights (``model.pt``) or its published ones loaded."""
+    torch.manual_seed(cell.seed)
+    method = create_method(cell.method, **config.method_options.get(cell.method, {}))
+    if trained:
+        method.load(Path(cell.cell_dir) / "model.pt")
+    elif cell.weights is not None:
+        method.load(cell.weights.path)
+        verify_unchanged(cell.weights, method.loaded_checkpoint.files)
+    return method.to(device)
+
+
+def train_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
+               on_step: Callable[[int, dict[str, float]], None] | None = None
+               ) -> tuple[InpaintingMethod | None, dict[str, Any]]:
+    """Train the cell's method if it trains, once: ``trained.json`` says it is done. Returns the method when it
+    was made here (trained, or as created/loaded: ready to evaluate) and the training record."""
+    cell_dir = Path(cell.cell_dir)
+    training = read_json(cell_dir / TRAINED_FILE)
+    if training is not None:
+        return None, training
+    cell_dir.mkdir(parents=True, exist_ok=True)
     train_config = cell_train_config(config, cell)
-    history: list[dict[str, float]] = []
-    train_seconds = 0.0
-    if method.trainable and train_config.steps > 0:
+    trains = (train_config.steps > 0 and (cell.weights is None or train_config.finetune)
+              and getattr(get_factory(cell.method), "trainable", True))
+    method = cell_method(config, cell, cell_device(config), trained=False) if trains else None
+    seconds = 0.0
+    if method is not None and method.trainable:
         from bench.train import train  # imported here: classical-only runs never touch the training stack
 
+        dataset = parse_dataset(cell.dataset)
         train_set = load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.data.image_size,
                                    limit=config.data.train_limit, cache_dir=config.data.cache_dir)
         started = time.perf_counter()
         result = train(method, train_set, train_config, checkpoint_path=cell_dir / "train_state.pt",
-                       on_step=on_step, progress=progress, description=f"train {cell.key}")
-        train_seconds = time.perf_counter() - started
-        history = result.history
-        write_csv_atomic(pd.DataFrame(history), cell_dir / "losses.csv")
+                       on_step=on_step, progress=progress, description=f"train {cell.key}",
+                       data_workers=config.resources.data_workers, precision=config.resources.precision)
+        seconds = time.perf_counter() - started
+        write_csv_atomic(pd.DataFrame(result.history), cell_dir / "losses.csv")
         method.save(cell_dir / "model.pt")
+    training = {"trained": method is not None and method.trainable, "train_seconds": round(seconds, 3)}
+    write_json_atomic(training, cell_dir / TRAINED_FILE)
+    return method, training
 
-    manifest = load_manifest(cell.manifest_dir)
-    scorer = cached_scorer(str(device), config.inception_weights, config.lpips_weights, config.compile_metrics)
-    started = time.perf_counter()
-    evaluation = evaluate(method, manifest, cell_dir, scorer, batch_size=config.eval_batch_size,
-                          save_images=config.save_images, progress=progress, description=f"eval {cell.key}")
-    eval_seconds = time.perf_counter() - started
 
+def _evaluate_piece(config: BenchmarkConfig, cell: CellSpec, method: InpaintingMethod, manifest: Manifest,
+                    shard: Shard, *, progress: bool, on_pairs: Callable[[int], None] | None
+                    ) -> tuple[PairResults, dict[str, Any]]:
+    """Evaluate the pairs of ``shard``; returns the results and what the cell record needs from this process."""
+    device = method.device
+    scorer = cell_scorer(config, device)
+    whole = shard.pairs == len(manifest.pairs)
+    results = evaluate_pairs(method, manifest, scorer, start=shard.start, stop=shard.stop,
+                             batch_size=config.eval_batch_size, save_images=config.save_images,
+                             image_dir=Path(cell.cell_dir) / "images", data_workers=config.resources.data_workers,
+                             precision=config.resources.precision, on_pairs=on_pairs, progress=progress,
+                             description=f"eval {cell.key}" if whole else f"eval {cell.key} {shard.name}")
     record = {
-        "method": cell.method, "paper_name": method.paper_name, "dataset": dataset.label,
-        "dataset_entry": cell.dataset, "seed": cell.seed, "device": str(device),
-        "protocol": PROTOCOL_VERSION, "manifest_digest": manifest.digest(), "fingerprint": fingerprint,
-        "num_parameters": method.num_parameters(), "substitutions": dict(method.substitutions),
-        "pretrained": dict(getattr(method, "pretrained", {}) or {}),
+        "method": {"paper_name": method.paper_name, "num_parameters": method.num_parameters(),
+                   "substitutions": dict(method.substitutions),
+                   "pretrained": dict(getattr(method, "pretrained", {}) or {}), "method_config": method.config_dict()},
+        "device": devices.device_record(device, gpus_per_cell=config.resources.gpus_per_cell,
+                                        deterministic=config.resources.deterministic),
         "metric_networks": scorer.provenance(), "pixel_metrics": scorer.pixel_metrics_backend(device),
-        "method_config": method.config_dict(),
-        "train": dataclasses.asdict(train_config) if history else None,
-        "train_seconds": round(train_seconds, 3), "eval_seconds": round(eval_seconds, 3),
-        "pairs": len(evaluation.per_image),
+        "feature_key": scorer.feature_key(device), "batch_size": config.eval_batch_size,
+        "precision": config.resources.precision, "data_workers": config.resources.data_workers,
     }
+    return results, record
+
+
+def evaluate_shard(config: BenchmarkConfig, cell: CellSpec, shard: Shard, *, progress: bool = True,
+                   on_pairs: Callable[[int], None] | None = None, method: InpaintingMethod | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate one shard of a trained cell into its folder (a finished shard is read back); returns its record
+    (plus ``extra``). ``method``: the cell's method when the caller has it already (in-process runs)."""
+    done = read_shard_done(cell.cell_dir, shard)
+    if done is not None:
+        if done.get("batch_size") == config.eval_batch_size:
+            return done
+    training = read_json(Path(cell.cell_dir) / TRAINED_FILE)
+    if training is None:
+        raise RuntimeError(f"{cell.key}: shard {shard.name} started before the cell's training finished")
+    if method is None:
+        method = cell_method(config, cell, cell_device(config), training["trained"])
+    manifest = load_manifest(cell.manifest_dir)
+    results, record = _evaluate_piece(config, cell, method, manifest, shard, progress=progress, on_pairs=on_pairs)
+    return write_shard(cell.cell_dir, shard, results, {**record, **(extra or {})})
+
+
+def cell_record(config: BenchmarkConfig, cell: CellSpec, manifest: Manifest, training: dict[str, Any],
+                pieces: list[dict[str, Any]], eval_seconds: float) -> dict[str, Any]:
+    """``cell.json``: what ran, on what, with which networks, how long."""
+    first = pieces[0]
+    train_config = cell_train_config(config, cell)
+    trained = training["trained"]
+    record = {
+        "method": cell.method, "paper_name": first["method"]["paper_name"],
+        "dataset": parse_dataset(cell.dataset).label, "dataset_entry": cell.dataset, "seed": cell.seed,
+        **first["device"], "protocol": PROTOCOL_VERSION, "manifest_digest": manifest.digest(),
+        "fingerprint": cell_fingerprint(config, cell),
+        "num_parameters": first["method"]["num_parameters"], "substitutions": first["method"]["substitutions"],
+        "pretrained": first["method"]["pretrained"], "metric_networks": first["metric_networks"],
+        "pixel_metrics": first["pixel_metrics"], "method_config": first["method"]["method_config"],
+        "train": dataclasses.asdict(train_config) if trained else None,
+        "weights": cell.weights.record(train_config.steps if trained else None) if cell.weights else None,
+        "train_seconds": training["train_seconds"], "eval_seconds": round(eval_seconds, 3),
+        "pairs": len(manifest.pairs), "precision": config.resources.precision,
+        "data_workers": config.resources.data_workers,
+    }
+    if len(pieces) > 1:  # one line per shard: where it ran and how long it took
+        record["eval_shards"] = [{"pairs": [piece["start"], piece["stop"]], "seconds": piece["seconds"],
+                                  "device": piece["device"]["device"], "gpu_ids": piece["device"]["gpu_ids"],
+                                  "node_id": piece.get("node_id")} for piece in pieces]
+    return record
+
+
+def finish_cell(config: BenchmarkConfig, cell: CellSpec, shards: list[Shard]) -> dict[str, Any]:
+    """Merge a sharded cell's finished shards into its per_image.csv, features.npz and summary.csv, then write
+    cell.json (last) and drop the shards. Needs a metric network only if the ground-truth cache is missing."""
+    done = check_fingerprint(config, cell)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    cell_dir = Path(cell.cell_dir)
+    manifest = load_manifest(cell.manifest_dir)
+    results = merge_shards(cell_dir, shards, len(manifest.pairs))
+    pieces = [read_shard_done(cell_dir, shard) for shard in shards]
+    key = json.dumps(pieces[0]["feature_key"], sort_keys=True)
+    truth = cached_ground_truth_features(manifest, key)
+    if truth is None:
+        device = cell_device(config)
+        truth = ground_truth_features(manifest, cell_scorer(config, device), config.eval_batch_size, device,
+                                      config.resources.data_workers)
+    write_results(cell_dir, results, truth)
+    merge_seconds = time.perf_counter() - started
+    record = cell_record(config, cell, manifest, read_json(cell_dir / TRAINED_FILE), pieces,
+                         results.seconds + merge_seconds)
     write_json_atomic(record, cell_dir / DONE_FILE)
-    (cell_dir / "train_state.pt").unlink(missing_ok=True)  # the final weights are in model.pt
+    _tidy(cell_dir)
+    return record
+
+
+def _tidy(cell_dir: Path) -> None:
+    """After cell.json: the final weights are in model.pt, the results in the cell's own files."""
+    (cell_dir / "train_state.pt").unlink(missing_ok=True)
+    (cell_dir / TRAINED_FILE).unlink(missing_ok=True)
+    remove_shards(cell_dir)
+
+
+def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
+             on_step: Callable[[int, dict[str, float]], None] | None = None,
+             on_pairs: Callable[[int], None] | None = None, shards: list[Shard] | None = None) -> dict[str, Any]:
+    """Run (or read back) one cell in this process; returns the record written to ``cell.json``. ``shards``
+    (default: ``--eval-shard-pairs``, 0 = one piece) is the layout of its evaluation: a cell in several shards
+    writes each one to its folder (resumable) and merges them, with the same files as one piece."""
+    done = check_fingerprint(config, cell)
+    if done is not None:
+        return done
+    cell_dir = Path(cell.cell_dir)
+    manifest = load_manifest(cell.manifest_dir)
+    shards = shards if shards is not None else cell_shards(config, cell)
+    method, training = train_cell(config, cell, progress=progress, on_step=on_step)
+    if method is None:
+        method = cell_method(config, cell, cell_device(config), training["trained"])
+    if len(shards) > 1:
+        for shard in shards:
+            evaluate_shard(config, cell, shard, progress=progress, method=method,
+                           on_pairs=None if on_pairs is None else lambda done, s=shard: on_pairs(s.start + done))
+        return finish_cell(config, cell, shards)
+
+    started = time.perf_counter()  # one piece: straight into the cell's files
+    results, piece = _evaluate_piece(config, cell, method, manifest, shards[0], progress=progress, on_pairs=on_pairs)
+    truth = ground_truth_features(manifest, cell_scorer(config, method.device), config.eval_batch_size,
+                                  method.device, config.resources.data_workers)
+    write_results(cell_dir, results, truth)
+    record = cell_record(config, cell, manifest, training, [piece], time.perf_counter() - started)
+    write_json_atomic(record, cell_dir / DONE_FILE)
+    _tidy(cell_dir)
     return record

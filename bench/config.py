@@ -23,6 +23,9 @@ class TrainConfig:
     max_mask_ratio: float = 0.6  # training masks are drawn with hole ratio ≤ this
     checkpoint_every: int = 50  # steps between resumable checkpoints
     log_every: int = 1  # steps between recorded loss values
+    # With published weights (``weights``): train from them for ``steps`` instead of evaluating them as
+    # released. Per method through ``train_options`` ({"ec": {"finetune": true}}).
+    finetune: bool = False
 
 
 @dataclass
@@ -54,11 +57,19 @@ class MaskConfig:
 class ResourceConfig:
     """Where cells run and how much each asks for."""
 
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:1 ...
+    device: str = "auto"  # auto (CPU unless --gpus-per-cell > 0, then the cell's GPU), cpu, cuda, cuda:N (N-th own GPU)
     cpus_per_cell: float = 1.0  # Ray CPU request per cell
     gpus_per_cell: float = 0.0  # Ray GPU request per cell (fractional allowed)
     ray_address: str | None = None  # existing Ray cluster (or env RAY_ADDRESS); default: a local cluster
     serial: bool = False  # run cells in this process without Ray (debugging)
+    # CUDA: deterministic cuDNN/torch algorithms (ops without one warn); slower, recorded per cell
+    deterministic: bool = False
+    # Arithmetic of the methods' networks: fp32 (reproduction), or bf16 / fp16 under torch.autocast (fp16 training
+    # adds a grad scaler). Metric networks always run in full fp32. Recorded per cell.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Processes per cell that read and decode images and masks (0 = in the cell's own process); results are the
+    # same with any number. Each one is a process beside the cell's, so count them in --cpus-per-cell.
+    data_workers: int = 0
 
 
 @dataclass
@@ -76,6 +87,11 @@ class BenchmarkConfig:
     methods: list[str] = field(default_factory=list)  # method names (empty = every variant of --scale)
     seeds: list[int] = field(default_factory=lambda: [0])  # one cell per method × dataset × seed
     eval_batch_size: int = 16  # pairs per inference batch
+    # Pairs per evaluation shard (rounded up to a multiple of --eval-batch-size): a cell's pairs are split into
+    # shards that run as tasks of their own and are merged in manifest order, with the same results as one
+    # piece. 0 = automatic: split only when the cluster has more cell slots than the cells fill, never below
+    # 1000 pairs per shard (so small cells stay whole).
+    eval_shard_pairs: int = 0
     save_images: bool = True  # write the scored composites as PNG beside per_image.csv
     inception_weights: str | None = None  # explicit pt_inception-2015-12-05 file for FID
     lpips_weights: str | None = None  # explicit AlexNet trunk file for LPIPS
@@ -88,10 +104,20 @@ class BenchmarkConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    # Per-method config overrides, e.g. {"sahn_tiny": {"alpha": 0.4}} (YAML).
+    # Per-method config overrides, e.g. {"sahn_tiny": {"alpha": 0.4}} (YAML or command line).
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Per-method training overrides, e.g. {"ddnm_tiny": {"steps": 400}} (YAML).
+    # Per-method training overrides, e.g. {"ec": {"finetune": true, "steps": 2000}} (YAML or command line).
     train_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Published (or earlier harness) checkpoints to evaluate instead of training, per method one path or per
+    # method and dataset label a path, e.g. {"lama_fourier": "/ckpt/lama-fourier", "ec": {"celeba": "/ckpt/ec/celeba"}}
+    # (docs/checkpoints.md). Such a cell evaluates them as released unless its train config says finetune.
+    weights: dict[str, str | dict[str, str]] = field(default_factory=dict)
+    # Print what the run would do (cells, pairs, shards, estimated GPU/CPU-hours and wall time) and stop: no cell
+    # runs, nothing trains (manifests are frozen, since pair counts come from them).
+    plan: bool = False
+    # --plan: per-pair inpainting latencies from this efficiency results folder (pipelines.efficiency's
+    # efficiency.csv) instead of timing each method on a few pairs on this machine.
+    plan_latency_from: str | None = None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

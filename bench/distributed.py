@@ -1,13 +1,20 @@
-"""Run benchmark cells as Ray tasks: one task per cell, with the CPU/GPU request of the config.
+"""Run benchmark cells as Ray tasks, with the CPU/GPU request of the config.
 
     with ray_cluster(config.resources):           # a local cluster, or --ray-address / RAY_ADDRESS
         outcomes = run_cells(config, cells, on_done=...)
 
-The driver submits every unfinished cell at once and Ray runs as many as the cluster's resources
-allow. A worker that dies (crash, OOM kill, lost node) is a *system* failure: Ray re-runs the task
-(``max_retries``), and the re-run resumes training from the cell's last checkpoint because
-:func:`bench.cell.run_cell` is idempotent. Exceptions raised by a cell's code are not retried (they
+A cell is one task, unless its pairs are split into evaluation shards (:mod:`bench.shards`: by
+``--eval-shard-pairs``, or automatically when the cluster has more slots than cells fill); then it is a
+training task, one task per shard (each loads the trained or published weights and evaluates its pairs)
+and a merging task, chained by their results, every one with the cell's request. The driver submits
+every unfinished cell at once and Ray runs as many tasks as the cluster's resources allow. A worker that
+dies (crash, OOM kill, lost node) is a *system* failure: Ray re-runs the task (``max_retries``), and the
+re-run resumes training from the cell's last checkpoint, or re-evaluates its shard, because the functions
+of :mod:`bench.cell` are idempotent. Exceptions raised by a cell's code are not retried (they
 would fail again): the other cells still run, and the failures are reported together at the end.
+
+GPUs: a cell runs on the GPUs Ray assigned to its task, and a cell that asked for none runs on the CPU and
+sees no GPU (:mod:`bench.devices`); a cell with a GPU gets a fresh worker process (:func:`cell_task_options`).
 
 Workers need the project's code: on a local cluster they run on this machine, in this folder, with
 this interpreter. On a remote cluster, install the package on every node (``pip install -e .``),
@@ -22,14 +29,18 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from bench.cell import CellSpec, cell_train_config, read_done, run_cell
+from bench.cell import (TRAINED_FILE, CellSpec, cell_train_config, evaluate_shard, finish_cell, plan_cell_shards,
+                        read_done, run_cell, train_cell)
 from bench.config import BenchmarkConfig, ResourceConfig
+from bench.devices import deterministic_algorithms, gpu_memory_cap, request_problem, resolve_device
 from bench.errors import UserError
 from bench.methods import get_factory, register_method
+from bench.shards import Shard, cluster_slots, read_shard_done
 from bench.step_board import StepBoard
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # cells exchange only small records: keep shared memory small
@@ -121,13 +132,13 @@ def infeasibility(request: dict[str, float], nodes: Sequence[dict[str, float]]) 
 def check_feasible(resources: ResourceConfig, nodes: Sequence[dict[str, float]]) -> None:
     if resources.cpus_per_cell < 0 or resources.gpus_per_cell < 0:
         raise UserError("--cpus-per-cell and --gpus-per-cell must be ≥ 0")
+    problem = request_problem(resources.device, resources.gpus_per_cell)  # a cell would fail on its first tensor
+    if problem:
+        raise UserError(problem)
     problem = infeasibility(cell_request(resources), nodes)
     if problem:
         raise UserError(f"{problem}: lower --gpus-per-cell / --cpus-per-cell, or use a "
                         "cluster with such a node (--ray-address)")
-    if resources.device.startswith("cuda") and resources.gpus_per_cell <= 0:
-        # Ray hides every GPU from a task that requests none, so the cell would fail on its first tensor.
-        raise UserError(f"--device {resources.device} needs --gpus-per-cell > 0 under Ray")
 
 
 def _count(value: float) -> str:
@@ -153,18 +164,69 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-# ------------------------------------------------------------------------------------ the task
-def _cell_task(config: BenchmarkConfig, cell: CellSpec, factories: dict[str, Callable], board: Any) -> tuple[dict, str]:
-    """Body of one Ray task. ``factories`` are the method constructors the driver resolved: registering
-    them here makes methods registered in the driver process (tests, notebooks) exist in the worker."""
-    import ray
+@contextlib.contextmanager
+def cell_settings(resources: ResourceConfig) -> Iterator[None]:
+    """What a cell's run depends on besides its config, the same in a Ray task and with --serial: torch
+    threads, ``--deterministic``, and on a shared GPU the cell's memory share. Resolving the device here,
+    first, also hides the GPUs from a Ray task that asked for none before anything can initialise CUDA."""
+    device = resolve_device(resources.device, gpus_per_cell=resources.gpus_per_cell)
+    with torch_threads(cell_threads(resources)), deterministic_algorithms(resources.deterministic), \
+            gpu_memory_cap(device, resources.gpus_per_cell):
+        yield
 
+
+# ------------------------------------------------------------------------------------ the tasks
+def _register(factories: dict[str, Callable]) -> None:
+    """Make the method constructors the driver resolved exist in this worker (methods registered in the
+    driver process — tests, notebooks — are not entry points)."""
     for name, factory in factories.items():
         register_method(name, factory)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _cell_task(config: BenchmarkConfig, cell: CellSpec, factories: dict[str, Callable], board: Any,
+               shards: list[Shard] | None = None) -> tuple[dict, str]:
+    """A cell in one task: train, evaluate (in one piece unless ``shards`` says otherwise), write
+    (:func:`bench.cell.run_cell`)."""
+    _register(factories)
     total = cell_train_config(config, cell).steps
-    with torch_threads(cell_threads(config.resources)):
-        record = run_cell(config, cell, progress=False, on_step=_step_reporter(board, cell.key, total))
-    return record, ray.get_runtime_context().get_node_id()
+    with cell_settings(config.resources):
+        record = run_cell(config, cell, progress=False, on_step=_step_reporter(board, cell.key, total),
+                          on_pairs=_pairs_reporter(board, cell.key, 0, shards[-1].stop if shards else None),
+                          shards=shards or None)
+    return record, _node_id()
+
+
+def _train_task(config: BenchmarkConfig, cell: CellSpec, factories: dict[str, Callable], board: Any) -> dict:
+    """A sharded cell's training (or the note that it has none), before any of its shards."""
+    _register(factories)
+    total = cell_train_config(config, cell).steps
+    with cell_settings(config.resources):
+        _, training = train_cell(config, cell, progress=False, on_step=_step_reporter(board, cell.key, total))
+    return training
+
+
+def _shard_task(config: BenchmarkConfig, cell: CellSpec, shard: Shard, factories: dict[str, Callable], board: Any,
+                training: dict | None) -> dict:
+    """One shard of a cell. ``training`` is the training task's result (None when it finished in an earlier
+    run): passing it makes Ray start the shard only once the cell is trained."""
+    _register(factories)
+    with cell_settings(config.resources):
+        return evaluate_shard(config, cell, shard, progress=False, extra={"node_id": _node_id()},
+                              on_pairs=_pairs_reporter(board, cell.key, shard.start, shard.pairs))
+
+
+def _finish_task(config: BenchmarkConfig, cell: CellSpec, shards: list[Shard], factories: dict[str, Callable],
+                 *shard_records: dict) -> tuple[dict, str]:
+    """Merge a sharded cell (started by Ray once every shard is finished: their records are its inputs)."""
+    _register(factories)
+    with cell_settings(config.resources):
+        return finish_cell(config, cell, shards), _node_id()
 
 
 def _step_reporter(board: Any, key: str, total: int) -> Callable[[int, dict[str, float]], None]:
@@ -179,16 +241,83 @@ def _step_reporter(board: Any, key: str, total: int) -> Callable[[int, dict[str,
     return report
 
 
-def submit_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], board: Any,
-                 max_retries: int = MAX_RETRIES) -> dict[Any, CellSpec]:
-    """One Ray task per cell with the config's resource request; returns {object ref: cell}."""
+def _pairs_reporter(board: Any, key: str, piece: int, total: int | None) -> Callable[[int], None]:
+    last = [0.0]
+
+    def report(pairs_done: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= REPORT_EVERY_SECONDS or pairs_done == total:
+            last[0] = now
+            board.report_pairs.remote(key, piece, pairs_done)  # fire and forget, as for training steps
+
+    return report
+
+
+@dataclass
+class Submitted:
+    """The Ray tasks of one cell: ``final`` returns ``(record, node id)``; ``refs`` are all of them (to cancel)."""
+
+    cell: CellSpec
+    final: Any
+    refs: list[Any]
+    pairs: int = 0  # pairs of the cell
+    pairs_before: int = 0  # pairs in shards an earlier run finished
+
+
+def submit_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], board: Any, max_retries: int = MAX_RETRIES,
+                 layouts: dict[CellSpec, list[Shard]] | None = None) -> dict[Any, CellSpec]:
+    """Submit every cell's tasks with the config's resource request; returns {ref of its last task: cell}.
+
+    A cell in one piece (the default for cells below a thousand pairs, see :mod:`bench.shards`) is one task. A
+    cell in shards (``layouts``) is a training task, one task per unfinished shard and a merging task, chained by
+    their results: Ray starts each task when its inputs exist, so the driver submits them all at once."""
+    return {entry.final: entry.cell for entry in submit_cell_tasks(config, cells, board, max_retries, layouts)}
+
+
+def submit_cell_tasks(config: BenchmarkConfig, cells: Sequence[CellSpec], board: Any, max_retries: int = MAX_RETRIES,
+                      layouts: dict[CellSpec, list[Shard]] | None = None) -> list[Submitted]:
+    factories = {name: get_factory(name) for name in sorted({cell.method for cell in cells})}
+    layouts = layouts or {}
+    whole, train, shard_task, finish = (remote_cell_function(function, config.resources, max_retries)
+                                        for function in (_cell_task, _train_task, _shard_task, _finish_task))
+    submitted = []
+    for cell in cells:
+        shards = layouts.get(cell, [])
+        if len(shards) <= 1:
+            ref = whole.remote(config, cell, factories, board, shards or None)
+            submitted.append(Submitted(cell, ref, [ref], sum(shard.pairs for shard in shards)))
+            continue
+        trained = None  # trained in an earlier run
+        if not (Path(cell.cell_dir) / TRAINED_FILE).exists():
+            trained = train.remote(config, cell, factories, board)
+        refs = [] if trained is None else [trained]
+        shard_refs, pairs_before = [], 0
+        for shard in shards:
+            if read_shard_done(cell.cell_dir, shard) is not None:  # finished earlier: kept
+                pairs_before += shard.pairs
+                continue
+            shard_refs.append(shard_task.remote(config, cell, shard, factories, board, trained))
+        final = finish.remote(config, cell, shards, factories, *shard_refs)
+        refs += [*shard_refs, final]
+        submitted.append(Submitted(cell, final, refs, shards[-1].stop, pairs_before))
+    return submitted
+
+
+def cell_task_options(resources: ResourceConfig, max_retries: int = MAX_RETRIES) -> dict[str, Any]:
+    """Ray options of a cell's task. A cell with a GPU gets a fresh worker process (``max_calls=1``, which Ray
+    applies by default only to GPU requests made in ``@ray.remote``, not through ``.options``): a reused
+    worker would keep its CUDA context on the GPU it first saw, its allocator's cached memory and its
+    cached metric networks. CPU cells reuse workers (starting one costs about a second)."""
+    return {"num_cpus": resources.cpus_per_cell, "num_gpus": resources.gpus_per_cell,
+            "max_calls": 1 if resources.gpus_per_cell > 0 else 0, "max_retries": max_retries,
+            "retry_exceptions": False}
+
+
+def remote_cell_function(function: Callable, resources: ResourceConfig, max_retries: int = MAX_RETRIES) -> Any:
+    """``function`` as a Ray remote function with a cell's options (``max_calls`` is refused by ``.options``)."""
     import ray
 
-    factories = {name: get_factory(name) for name in sorted({cell.method for cell in cells})}
-    task = ray.remote(_cell_task).options(num_cpus=config.resources.cpus_per_cell,
-                                           num_gpus=config.resources.gpus_per_cell,
-                                           max_retries=max_retries, retry_exceptions=False)
-    return {task.remote(config, cell, factories, board): cell for cell in cells}
+    return ray.remote(**cell_task_options(resources, max_retries))(function)
 
 
 _BOARDS: dict[tuple[str, str], Any] = {}  # (driver's node, job) -> the board of that Ray job
@@ -216,8 +345,10 @@ def run_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], *, on_done: On
               progress: bool = True, max_retries: int = MAX_RETRIES) -> list[CellOutcome]:
     """Run ``cells`` as Ray tasks (an initialised Ray connection is required: see :func:`ray_cluster`).
 
-    Cells finished earlier are read back without a task. ``on_done`` runs in the driver as each cell
-    finishes (in completion order); the outcomes are returned in the order of ``cells``."""
+    Cells finished earlier are read back without a task. The unfinished ones are split into evaluation shards
+    by ``--eval-shard-pairs`` (0: automatically, for the slots the cluster has; see :mod:`bench.shards`).
+    ``on_done`` runs in the driver as each cell finishes (in completion order); the outcomes are returned in
+    the order of ``cells``."""
     outcomes: dict[CellSpec, CellOutcome] = {}
     bar = tqdm(total=len(cells), desc="cells", unit="cell", dynamic_ncols=True, disable=not progress)
 
@@ -235,10 +366,12 @@ def run_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], *, on_done: On
         else:
             todo.append(cell)
     if todo:
+        slots = cluster_slots(alive_nodes(), config.resources.cpus_per_cell, config.resources.gpus_per_cell)
+        layouts = plan_cell_shards(config, todo, slots)
         board = step_board()
-        pending = submit_cells(config, todo, board, max_retries=max_retries)
+        submitted = submit_cell_tasks(config, todo, board, max_retries=max_retries, layouts=layouts)
         try:
-            failures = _drive(pending, board, config, finish, progress)
+            failures = _drive(submitted, board, config, finish, progress)
         finally:
             bar.close()
         if failures:
@@ -247,18 +380,20 @@ def run_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], *, on_done: On
     return [outcomes[cell] for cell in cells]
 
 
-def _drive(pending: dict[Any, CellSpec], board: Any, config: BenchmarkConfig, finish: OnDone,
+def _drive(submitted: list[Submitted], board: Any, config: BenchmarkConfig, finish: OnDone,
            progress: bool) -> dict[str, BaseException]:
-    """Wait for the tasks, refreshing one training bar per running cell; returns the cells that raised."""
+    """Wait for every cell's last task, refreshing a training and an evaluation bar per running cell; returns
+    the cells that raised (or whose training or a shard raised)."""
     import ray
 
+    pending = {entry.final: entry for entry in submitted}
     failures: dict[str, BaseException] = {}
     bars: dict[str, tqdm] = {}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
             for ref in ready:
-                cell = pending.pop(ref)
+                cell = pending.pop(ref).cell
                 _close(bars, cell.key)
                 try:
                     record, node_id = ray.get(ref)
@@ -268,10 +403,11 @@ def _drive(pending: dict[Any, CellSpec], board: Any, config: BenchmarkConfig, fi
                     continue
                 finish(CellOutcome(cell, record, skipped=False, node_id=node_id))
             if progress and pending:
-                _refresh_bars(bars, _steps(board), pending.values(), config)
+                _refresh_bars(bars, _progress(board), pending.values(), config)
     except BaseException:
-        for ref in pending:  # Ctrl-C or a failing callback: stop the work in flight, keep what finished
-            ray.cancel(ref, force=True)
+        for entry in pending.values():  # Ctrl-C or a failing callback: stop the work in flight, keep what finished
+            for ref in entry.refs:
+                ray.cancel(ref, force=True)
         raise
     finally:
         for key in list(bars):
@@ -279,30 +415,38 @@ def _drive(pending: dict[Any, CellSpec], board: Any, config: BenchmarkConfig, fi
     return failures
 
 
-def _steps(board: Any) -> dict[str, int]:
+def _progress(board: Any) -> dict[str, dict[str, int]]:
     import ray
 
     try:
-        return ray.get(board.snapshot.remote(), timeout=10 * POLL_SECONDS)
+        return ray.get(board.progress.remote(), timeout=10 * POLL_SECONDS)
     except ray.exceptions.RayError:  # bars are a courtesy: never let them stop the benchmark
-        return {}
+        return {"steps": {}, "pairs": {}}
 
 
-def _refresh_bars(bars: dict[str, tqdm], steps: dict[str, int], running: Any, config: BenchmarkConfig) -> None:
-    for cell in running:
-        done = steps.get(cell.key)
-        if done is None:
-            continue
-        if cell.key not in bars:
-            total = cell_train_config(config, cell).steps
-            bars[cell.key] = tqdm(total=total, desc=f"train {cell.key}", unit="step", leave=False, dynamic_ncols=True)
-        bars[cell.key].update(done - bars[cell.key].n)
+def _refresh_bars(bars: dict[str, tqdm], progress: dict[str, dict[str, int]], running: Any,
+                  config: BenchmarkConfig) -> None:
+    """A training bar (steps) and an evaluation bar (pairs, over all its shards) for each running cell."""
+    for entry in running:
+        key = entry.cell.key
+        steps, pairs = progress["steps"].get(key), progress["pairs"].get(key)
+        if steps is not None:
+            if key not in bars:
+                bars[key] = tqdm(total=cell_train_config(config, entry.cell).steps, desc=f"train {key}", unit="step",
+                                 leave=False, dynamic_ncols=True)
+            bars[key].update(steps - bars[key].n)
+        if pairs is not None and entry.pairs:
+            name = f"eval {key}"
+            if name not in bars:
+                bars[name] = tqdm(total=entry.pairs, desc=name, unit="pair", leave=False, dynamic_ncols=True)
+            bars[name].update(entry.pairs_before + pairs - bars[name].n)
 
 
 def _close(bars: dict[str, tqdm], key: str) -> None:
-    bar = bars.pop(key, None)
-    if bar is not None:
-        bar.close()
+    for name in (key, f"eval {key}"):
+        bar = bars.pop(name, None)
+        if bar is not None:
+            bar.close()
 
 
 def _cause(exc: BaseException) -> BaseException:

@@ -15,10 +15,12 @@ def perceptual_loss(features_a: Sequence[torch.Tensor], features_b: Sequence[tor
 
 
 def gram_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Channel Gram matrix normalised by C·H·W (Gatys et al.; EdgeConnect's normalisation)."""
+    """Channel Gram matrix normalised by C·H·W (Gatys et al.; EdgeConnect's normalisation). Always in float32,
+    outside autocast: in fp16 its sums over H·W products overflow (no-op casts for float32 features)."""
     b, c, h, w = features.shape
-    flat = features.reshape(b, c, h * w)
-    return flat @ flat.transpose(1, 2) / (c * h * w)
+    with torch.autocast(features.device.type, enabled=False):
+        flat = features.float().reshape(b, c, h * w)
+        return flat @ flat.transpose(1, 2) / (c * h * w)
 
 
 def style_loss(features_a: Sequence[torch.Tensor], features_b: Sequence[torch.Tensor]) -> torch.Tensor:

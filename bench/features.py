@@ -178,16 +178,33 @@ def _lpips_state_dict(model: nn.Module, trunk: nn.Module, linear_layers: dict[st
 
 
 class LPIPSMetric(nn.Module):
-    """LPIPS v0.1 of ``uint8`` images mapped to [-1,1]; returns float64 ``[B]``."""
+    """LPIPS v0.1 of ``uint8`` images mapped to [-1,1]; returns float64 ``[B]``.
+
+    Split in two like every distance here, so a ground truth shared by several pairs goes through the trunk
+    once: :meth:`embed` (trunk features, unit-normalised over channels) and :meth:`compare` (the calibrated
+    linear layers on the squared differences, spatially averaged, summed over layers). Together they are the
+    ``lpips`` package's forward, operation for operation."""
 
     def __init__(self, model: nn.Module, net: str, provenance: str):
         super().__init__()
+        if not model.lpips or model.spatial or model.version != LPIPS_VERSION:
+            raise ValueError("LPIPSMetric needs lpips.LPIPS with its linear layers, no spatial map, version 0.1")
         self.model = freeze(model)
         self.name = f"lpips_{net}"
         self.provenance = provenance
 
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = self.model.net.forward(self.model.scaling_layer(uint8_to_signed(images)))
+        return [lpips.normalize_tensor(output) for output in outputs]
+
+    def compare(self, pred: list[torch.Tensor], gt: list[torch.Tensor]) -> torch.Tensor:
+        total = 0
+        for layer, (features_pred, features_gt) in enumerate(zip(pred, gt)):
+            total += self.model.lins[layer]((features_pred - features_gt) ** 2).mean([2, 3], keepdim=True)
+        return total.flatten().double()
+
     def forward(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        return self.model(uint8_to_signed(pred), uint8_to_signed(gt)).flatten().double()
+        return self.compare(self.embed(pred), self.embed(gt))
 
 
 def lpips_metric(net: str = "alex", trunk_path: str | os.PathLike | None = None) -> LPIPSMetric:
@@ -222,7 +239,7 @@ class Lite0Distance(nn.Module):
     """``lite0_dist``: Σ over Lite0 stages of the spatial mean of Σ_channels (unit-normalised difference)².
 
     An unlearned LPIPS-style distance (no calibrated linear layers): NOT LPIPS. Images are used at
-    their own size (no resize); float64 ``[B]``.
+    their own size (no resize); float64 ``[B]``. :meth:`embed` and :meth:`compare` split it as for LPIPS.
     """
 
     name = "lite0_dist"
@@ -232,14 +249,19 @@ class Lite0Distance(nn.Module):
         self.stages = freeze(stages)
         self.provenance = provenance
 
-    def forward(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        both = lite0_normalize(uint8_to_unit(torch.cat([pred, gt])))
-        distance = torch.zeros(len(pred), dtype=torch.float64, device=pred.device)
-        for stage in self.stages(both):
-            stage_pred, stage_gt = unit_normalize_channels(stage).chunk(2)
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The five stages' feature maps of ``uint8`` images, unit-normalised over channels."""
+        return [unit_normalize_channels(stage) for stage in self.stages(lite0_normalize(uint8_to_unit(images)))]
+
+    def compare(self, pred: list[torch.Tensor], gt: list[torch.Tensor]) -> torch.Tensor:
+        distance = torch.zeros(len(pred[0]), dtype=torch.float64, device=pred[0].device)
+        for stage_pred, stage_gt in zip(pred, gt):
             squared = (stage_pred - stage_gt).square().sum(dim=1)
             distance += squared.flatten(1).mean(dim=1).double()
         return distance
+
+    def forward(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        return self.compare(self.embed(pred), self.embed(gt))
 
 
 def lite0_distance(path: str | os.PathLike | None = None) -> Lite0Distance:

@@ -13,11 +13,13 @@ dataclass and returns an :class:`InpaintingMethod`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import importlib.metadata
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +33,11 @@ from bench.errors import CheckpointError, NotTrainable, UserError
 ENTRY_POINT_GROUP = "sahn_bench.methods"
 CHECKPOINT_FORMAT = "sahn-bench/1"
 Scale = Literal["tiny", "paper", "any", "ablation"]  # "ablation": only when asked for by name
+#: the reduced precisions forward passes can run at under ``torch.autocast`` (fp32 runs without it)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
+#: what :meth:`InpaintingMethod.host_preprocessing` returns: CPU (images, masks) → named extra input tensors
+HostPreprocessing = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 class InpaintingMethod(nn.Module):
@@ -46,6 +53,10 @@ class InpaintingMethod(nn.Module):
     paper_name: str | None = None
     #: False for classical methods: :meth:`train_step` raises :class:`NotTrainable`
     trainable: bool = True
+    #: the precision training runs at (:meth:`set_precision`; the training loop sets it)
+    precision: str = "fp32"
+    #: the fp16 loss scaler :meth:`backward` and :meth:`step` go through (None at fp32 and bf16)
+    grad_scaler: torch.amp.GradScaler | None = None
 
     def __init__(self, config: Any = None):
         super().__init__()
@@ -54,14 +65,31 @@ class InpaintingMethod(nn.Module):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # Substitute networks used instead of the paper's (offline), recorded with every run.
         self.substitutions: dict[str, str] = {}
+        #: what :meth:`load` read (None for a fresh method)
+        self.loaded_checkpoint: CheckpointInfo | None = None
 
     # ----------------------------------------------------------------- the interface
     def inpaint(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimisation step on ``{"image": [B,3,H,W], "mask": [B,1,H,W]}``; returns named losses."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimisation step on ``{"image": [B,3,H,W], "mask": [B,1,H,W]}`` (plus what
+        :meth:`host_preprocessing` added, when the training loop made the batch); returns named losses as
+        detached 0-d tensors on the device. Not floats: reading a value waits for the device, so the
+        training loop reads them only at its log steps. Backward passes and optimiser steps go through
+        :meth:`backward` and :meth:`step`, which apply the fp16 loss scaler when training at fp16."""
         raise NotTrainable(f"method {self.name!r} has nothing to train")
+
+    def host_preprocessing(self, purpose: Literal["train", "inpaint"]) -> HostPreprocessing | None:
+        """Inputs the method computes from a batch by CPU-only code (EC's and CTSDG's gray image and Canny
+        edges, by scikit-image), as a function of the CPU ``(images, masks)`` returning named tensors, or None.
+
+        The training loop calls it where a batch is made (in its data workers), before the batch goes to the
+        device, and passes its tensors in the batch to :meth:`train_step` (``purpose="train"``). With
+        ``purpose="inpaint"`` its tensors are keyword arguments of :meth:`inpaint`. The function must depend
+        only on the config, not on weights, and be picklable (workers may be spawned): a module-level function
+        or a ``functools.partial`` of one. Methods compute the same inputs themselves when they are absent."""
+        return None
 
     def networks(self) -> dict[str, nn.Module]:
         """Sub-networks reported by :meth:`num_parameters` (default: every child module with parameters)."""
@@ -78,6 +106,55 @@ class InpaintingMethod(nn.Module):
             return tensor.device
         return torch.device("cpu")
 
+    # ----------------------------------------------------------------- training helpers (precision)
+    def set_precision(self, precision: str) -> None:
+        """Train at ``precision``: ``fp32`` (the default, for reproduction), ``bf16`` or ``fp16`` (forward passes
+        under :meth:`autocast`; fp16 also scales the loss so small gradients do not flush to zero). Call it
+        after moving the method to its device: the fp16 scaler belongs to the device type."""
+        if precision not in PRECISIONS:
+            raise UserError(f"precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` at the training precision on the method's device; nothing at fp32, whose path
+        stays exactly as it was. The training loop runs :meth:`train_step` inside it."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def _outside_autocast(self) -> contextlib.AbstractContextManager:
+        # Backward passes and optimiser updates run outside autocast, as torch advises: backward ops take the
+        # dtypes their forward ops chose, and parameters are updated in float32.
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
+    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """``loss.backward(**kwargs)``; at fp16 on the loss times the scaler's factor."""
+        with self._outside_autocast():
+            (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward(**kwargs)
+
+    def unscale_gradients(self, name: str) -> None:
+        """At fp16, divide the gradients of optimiser ``name`` by the loss scale: call it before clipping them."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizers[name])
+
+    def step(self, name: str) -> None:
+        """Step optimiser ``name``. At fp16 the scaler skips the update when a gradient overflowed."""
+        optimizer = self.optimizers[name]
+        with self._outside_autocast():
+            if self.grad_scaler is None:
+                optimizer.step()
+            else:
+                self.grad_scaler.step(optimizer)
+
+    def end_training_step(self) -> None:
+        """Called by the training loop after each :meth:`train_step`: the fp16 scaler adapts its factor once
+        per step, after every optimiser of the step has stepped."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()
+
     # ----------------------------------------------------------------- checkpoints
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
@@ -89,20 +166,78 @@ class InpaintingMethod(nn.Module):
         atomic_torch_save(payload, path)
 
     def load(self, path: str | os.PathLike) -> "InpaintingMethod":
-        """Load a harness checkpoint strictly, or the method's official format via :meth:`load_official`."""
+        """Load a harness checkpoint or the method's official release, configured from the checkpoint.
+
+        The checkpoint decides what shapes the networks have (a harness file's saved config; for official
+        releases what :meth:`inspect_checkpoint` reads from the tensors: prior-head widths, network family
+        and size, block counts), so the method is rebuilt when they differ from its config. A checkpoint of
+        another paper method (another column) is an error naming the variant it belongs to. The result of the
+        inspection is kept in :attr:`loaded_checkpoint`."""
         path = Path(path)
         if not path.exists():
             raise UserError(f"checkpoint not found: {path}")
+        info = type(self).inspect_checkpoint(path)
+        if info is None:
+            raise CheckpointError(not_this_method(path, self))
+        self._check_variant(info, path)
+        self.reconfigure(info.config)
+        if info.format == "harness":
+            load_state_dict_strict(self, safe_torch_load(path)["state_dict"], what=f"{path}")
+        else:
+            self.load_official(path)
+        if not any("discriminator" in name for name in info.networks) and any(
+                "discriminator" in name for name in self.networks()):
+            warnings.warn(f"{path}: a generator-only release; the discriminator keeps its initial weights "
+                          "(fine for evaluation; fine-tuning starts it from scratch)", stacklevel=2)
+        self.loaded_checkpoint = info
+        return self
+
+    def _check_variant(self, info: "CheckpointInfo", path: Path) -> None:
+        if info.format == "harness":
+            if self.name and info.variant != self.name:
+                raise CheckpointError(f"{path}: a sahn-bench checkpoint of {info.variant!r}, not of {self.name!r}; "
+                                      f"use method {info.variant}")
+            return
+        theirs = getattr(get_factory(info.variant), "paper_name", None) if info.variant in available_methods() else None
+        if self.name and info.variant != self.name and theirs is not None and theirs != self.paper_name:
+            raise CheckpointError(f"{path}: {info.release}, which loads into method {info.variant} ({theirs}), "
+                                  f"not {self.name} ({self.paper_name})")
+
+    @classmethod
+    def inspect_checkpoint(cls, path: Path) -> "CheckpointInfo | None":
+        """What the file or folder at ``path`` is, read without building a network: a harness checkpoint of
+        this class, or (through :meth:`inspect_official`) this method's official release; ``None`` when it is
+        neither. Raises :class:`CheckpointError` for a file that cannot be read safely."""
         if path.is_file():
             try:
                 payload = safe_torch_load(path)
-            except CheckpointError:  # official formats may hold objects the plain loader refuses
-                payload = None
+            except CheckpointError:
+                payload = None  # an official format may need allow-listed globals: inspect_official decides
             if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-                load_state_dict_strict(self, payload["state_dict"], what=f"{path}")
-                return self
-        self.load_official(path)
-        return self
+                return harness_checkpoint_info(payload, path)
+        return cls.inspect_official(path)
+
+    @classmethod
+    def inspect_official(cls, path: Path) -> "CheckpointInfo | None":
+        """Overridden by methods with an official release format (``None`` = not this method's release)."""
+        return None
+
+    def reconfigure(self, values: dict[str, Any]) -> None:
+        """Rebuild the networks with ``values`` replacing fields of the config (no-op when nothing changes);
+        the method keeps its registry name, device and identity (callers hold references to it)."""
+        if not values or not dataclasses.is_dataclass(self.config):
+            return
+        current = dataclasses.asdict(self.config)
+        changed = {k: tuple(v) if isinstance(current[k], tuple) else v for k, v in values.items()
+                   if k in current and _comparable(current[k]) != _comparable(v)}
+        if not changed:
+            return
+        device, keep = self.device, {k: self.__dict__[k] for k in ("name", "paper_name") if k in self.__dict__}
+        fresh = type(self)(apply_overrides(self.config, changed))
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
+        self.__dict__.update(keep)
+        self.to(device)
 
     def load_official(self, path: Path) -> None:
         raise CheckpointError(f"{path}: not a sahn-bench checkpoint, and method {self.name!r} "
@@ -126,8 +261,23 @@ def safe_torch_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) 
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors name the offending global: keep that text
-        raise CheckpointError(f"{path}: cannot be loaded safely (weights_only=True): {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {unreadable_reason(exc)}") from exc
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """One line on why torch refused a file. Torch's own message is several paragraphs and suggests
+    ``weights_only=False``, which would run whatever code the file names: never pass that on."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"holds a pickled Python object ({found.group(1)}) that safe loading (weights_only=True) refuses; "
+                "it is not a checkpoint format sahn-bench reads — check that this is the file the authors release")
+    if ("central directory" in text or "zip archive" in text or "Invalid argument" in text
+            or isinstance(exc, (EOFError, KeyError))):
+        return "truncated or corrupted (torch cannot read it); download it again"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"cannot be loaded safely (weights_only=True): {first}"
 
 
 def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
@@ -166,20 +316,89 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint is, read from its files without building a network."""
+
+    variant: str  # the registered variant it loads into ("big_lama", "spl")
+    release: str  # what it is, for people ("a LaMa big-lama release (18 FFC blocks)")
+    format: Literal["official", "harness"]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields the checkpoint decides
+    networks: tuple[str, ...] = ("generator", "discriminator")  # the networks it holds
+    files: tuple[str, ...] = ()  # for a folder release: the files read, relative to it (its digest covers these)
+
+
+def harness_checkpoint_info(payload: dict[str, Any], path: Path) -> CheckpointInfo:
+    networks = sorted({key.split(".", 1)[0] for key in payload.get("state_dict", {})})
+    return CheckpointInfo(variant=str(payload.get("method")), format="harness", config=dict(payload.get("config") or {}),
+                          release=f"a sahn-bench checkpoint of {payload.get('method')}", networks=tuple(networks))
+
+
+def not_this_method(path: Path, method: "InpaintingMethod") -> str:
+    """The one-line error for a checkpoint the method cannot read, naming what it is when another method can."""
+    what = f"{method.name or type(method).__name__}"
+    for info in identify_checkpoint(path, quiet=True):
+        return f"{path}: {info.release}, which loads into method {info.variant}, not {what}"
+    if path.is_file():
+        try:
+            safe_torch_load(path)
+        except CheckpointError as exc:  # truncated, or a pickled object: say that, not "wrong format"
+            return str(exc)
+    kind = "folder" if path.is_dir() else "file"
+    return (f"{path}: this {kind} is neither a sahn-bench checkpoint nor an official release of {what} "
+            "(see docs/checkpoints.md for the expected layouts)")
+
+
+def identify_checkpoint(path: str | os.PathLike, *, quiet: bool = False) -> list[CheckpointInfo]:
+    """Every registered method class's reading of ``path`` (usually one). Unreadable files raise
+    :class:`CheckpointError` unless ``quiet``."""
+    path = Path(path)
+    found, seen, problems = [], set(), []
+    for name in available_methods():
+        try:
+            cls = getattr(get_factory(name), "method_class", None)
+        except Exception:  # noqa: BLE001 - a broken plugin cannot claim a checkpoint
+            continue
+        if cls is None or cls in seen:
+            continue
+        seen.add(cls)
+        try:
+            info = cls.inspect_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if info is not None and info not in found:  # every class reads a harness file the same way
+            found.append(info)
+    if not found and problems and not quiet:
+        raise CheckpointError(problems[0])
+    return found
+
+
+def _comparable(value: Any) -> Any:
+    """Config values as saved (tuples may come back as lists) compared by content."""
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    return value
+
+
 # --------------------------------------------------------------------- registry
 MethodFactory = Callable[..., InpaintingMethod]
 _LOCAL: dict[str, MethodFactory] = {}
 
 
-def variant(scale: Scale = "any", paper_name: str | None = None,
-            trainable: bool = True) -> Callable[[MethodFactory], MethodFactory]:
+def variant(scale: Scale = "any", paper_name: str | None = None, trainable: bool = True,
+            method_class: type[InpaintingMethod] | None = None) -> Callable[[MethodFactory], MethodFactory]:
     """Mark a constructor as a variant: ``scale`` picks it for the ``default`` (tiny) or ``paper`` preset;
-    ``trainable=False`` tells pipelines, without building the method, that it needs no training data."""
+    ``trainable=False`` tells pipelines, without building the method, that it needs no training data;
+    ``method_class`` lets :func:`identify_checkpoint` ask the class what a checkpoint is without building one."""
 
     def mark(factory: MethodFactory) -> MethodFactory:
         factory.scale = scale  # type: ignore[attr-defined]
         factory.paper_name = paper_name  # type: ignore[attr-defined]
         factory.trainable = trainable  # type: ignore[attr-defined]
+        factory.method_class = method_class  # type: ignore[attr-defined]
         return factory
 
     return mark

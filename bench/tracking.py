@@ -49,6 +49,10 @@ DRIVER_TAG = "sahn.driver"  # host:pid of the invocation that owns a parent run
 OUT_TAG = "sahn.out"  # the output folder
 PARENT_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# MLflow 3's UI opens an experiment on the view this tag names; without it, it lands on the (empty) GenAI
+# overview and the runs table is one click away.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 LOSS_TERMS_TAG = "sahn.loss_terms"  # JSON list: the order of losses.csv columns (legend order of the figure)
 LOSS_PREFIX = "loss"
@@ -272,10 +276,14 @@ class Tracker:
     def _open_experiment(self) -> str:
         experiment = self.client.get_experiment_by_name(self.experiment_name)
         if experiment is None:
-            return self.client.create_experiment(self.experiment_name, artifact_location=artifact_root(self.uri))
+            return self.client.create_experiment(self.experiment_name, artifact_location=artifact_root(self.uri),
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         if experiment.lifecycle_stage != "active":
             raise UserError(f"MLflow experiment {self.experiment_name!r} in {self.uri} is deleted: restore it "
                             "(mlflow experiments restore) or choose another --experiment")
+        # Experiments made by older versions of the harness lack the kind; one a user set is theirs to keep.
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
 
     # -------------------------------------------------------------------------------- search
@@ -432,6 +440,7 @@ def cell_params(record: dict[str, Any]) -> dict[str, str]:
 
     params.update({f"cell.method_config.{k}": v for k, v in flatten(record.get("method_config") or {}).items()})
     params.update({f"cell.train.{k}": v for k, v in flatten(record.get("train") or {}).items()})
+    params.update({f"cell.weights.{k}": v for k, v in (record.get("weights") or {}).items()})
     return {safe_name(k): _param_value(v) for k, v in params.items()}
 
 

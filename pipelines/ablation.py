@@ -14,6 +14,12 @@ only, as the paper (50–60% irregular masks on Paris StreetView):
                                                                        ("SAHN w/o multi-scale semantic fusion")
 and ``sahn_paper``, ``sahn_paper_no_unet``, ``sahn_paper_no_msf`` at the paper's size (``--config paper``).
 
+The discriminator's two readings of its targets (sahn/README.md) run side by side with
+``python -m pipelines.ablation --config d_target``: ``sahn_tiny`` (mask-guided: patches of the restored
+image without hole pixels are real) beside ``sahn_tiny_d_image`` (every patch of the restored image is
+fake), on all six hole-ratio bins; ``sahn_paper_d_image`` is the second reading at the paper's size. Name
+them with ``--methods`` to put them into any ablation run.
+
 Results go to their own folder (default ``results-ablation``, beside the benchmark's ``results``): the
 full model there is trained and scored on other pairs than the benchmark's, so the two must not mix in
 one table. The report of that folder holds Table 4, the paper's Table 4 beside it, and paired-bootstrap
@@ -42,6 +48,15 @@ VARIANTS = {
 }
 
 
+#: SAHN with each reading of the discriminator's targets: mask-guided (the default) and every patch fake
+D_READINGS = {
+    "tiny": ("sahn_tiny", "sahn_tiny_d_image"),
+    "paper": ("sahn_paper", "sahn_paper_d_image"),
+}
+#: what a variant's name ends with when it differs from the full model
+VARIED = ("_no_unet", "_no_msf", "_d_image")
+
+
 def ablation_methods(scale: str) -> list[str]:
     return list(VARIANTS[scale])
 
@@ -58,9 +73,9 @@ def run_ablation(config: BenchmarkConfig) -> Path:
     config = ablation_config(config)
     if config.masks.bins != [ABLATION_BIN]:
         print(f"note: scoring on {config.masks.bins}, the paper's Table 4 uses {ABLATION_BIN} only", file=sys.stderr)
-    if not any(name.endswith(("_no_unet", "_no_msf")) for name in config.methods):
-        raise UserError(f"--methods {' '.join(config.methods)}: no ablated variant; choose from "
-                        f"{', '.join(n for names in VARIANTS.values() for n in names)}")
+    if not any(name.endswith(VARIED) for name in config.methods):
+        choices = dict.fromkeys(n for table in (VARIANTS, D_READINGS) for names in table.values() for n in names)
+        raise UserError(f"--methods {' '.join(config.methods)}: no ablated variant; choose from {', '.join(choices)}")
     return run_benchmark(config)
 
 

@@ -4,7 +4,8 @@
     python -m pipelines.efficiency --methods sahn_paper lama_fourier ddnm --repeats 5
     python -m pipelines.efficiency --config my_gpu.yaml --device cuda --throughput-batch 16
 
-For each method (created by name, random weights: cost does not depend on them) it measures, on one real
+For each method (created by name with random weights, since cost does not depend on them; or, with
+``weights``, the published checkpoint loaded, so the sizes are the released model's) it measures, on one real
 photograph with a seeded free-form hole in (0.2,0.3]:
   parameters (M)        every network the method holds (num_parameters), frozen pretrained ones excluded
   checkpoint (MB)       the file ``method.save`` writes, MB = 10⁶ bytes as in the paper
@@ -16,8 +17,8 @@ photograph with a seeded free-form hole in (0.2,0.3]:
 See bench/profiling.py for exactly what each figure means.
 
 Samplers with many steps (DDNM: 100 U-Net passes) are too slow to time in full on a CPU: ``step_scaling``
-(YAML) runs such a method with fewer steps and multiplies latency and FLOPs by full/measured steps. The
-row says so; one-off costs are then multiplied too, so the figure is an upper bound.
+(YAML or command line) runs such a method with fewer steps and multiplies latency and FLOPs by
+full/measured steps. The row says so; one-off costs are then multiplied too, so the figure is an upper bound.
 
 Each method is measured in a fresh process (--isolate, the default): a process's peak RSS only grows, and
 memory freed by the previous method would be reused unseen. Rows are written to <out>/efficiency.csv after
@@ -43,6 +44,7 @@ import torch
 
 from bench import profiling
 from bench.cell import resolve_device
+from bench.checkpoints import PublishedWeights, absolute_weights, check_published_weights
 from bench.cli import parse_config, run_main
 from bench.errors import UserError
 from bench.evaluate import write_csv_atomic
@@ -72,11 +74,15 @@ class EfficiencyConfig:
     threads: int | None = None  # torch CPU threads (None = torch's default: every core)
     isolate: bool = True  # measure each method in a fresh process (needed for a fair CPU memory figure)
     seed: int = 0  # seeds weights, the input hole and samplers
-    # Per-method config overrides, e.g. {"sahn_paper": {"deformable_scales": []}} (YAML).
+    # Per-method config overrides, e.g. {"sahn_paper": {"deformable_scales": []}} (YAML or command line).
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Per-method step scaling, e.g. {"ddnm": {"option": "steps", "measure": 1}} (YAML): run with
-    # ``option`` = ``measure`` and scale latency and FLOPs to the method's configured value.
+    # Per-method step scaling, e.g. {"ddnm": {"option": "steps", "measure": 1}} (YAML or command line): run
+    # with ``option`` = ``measure`` and scale latency and FLOPs to the method's configured value.
     step_scaling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Published checkpoints to measure instead of freshly created networks, per method a path, e.g.
+    # {"lama_fourier": "/ckpt/lama-fourier"} (a per-dataset mapping of the benchmark is accepted: its first
+    # dataset's checkpoint, by label, is measured).
+    weights: dict[str, str | dict[str, str]] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -113,6 +119,22 @@ def resolve_methods(config: EfficiencyConfig) -> list[str]:
     return methods
 
 
+def weights_by_method(config: EfficiencyConfig) -> dict[str, str]:
+    """One checkpoint per method: a per-dataset mapping contributes its first dataset's (sorted by label)."""
+    chosen = {}
+    for method, entry in absolute_weights(config.weights).items():
+        chosen[method] = entry if isinstance(entry, str) else entry[sorted(entry)[0]] if entry else None
+    return {method: path for method, path in chosen.items() if path}
+
+
+def check_weights(config: EfficiencyConfig, methods: list[str]) -> dict[str, PublishedWeights]:
+    """Every checkpoint loads before the first measurement (one line naming a bad file otherwise)."""
+    checked = check_published_weights(weights_by_method(config), methods, ["-"],
+                                      create=lambda name: create_method(name, **config.method_options.get(name, {})),
+                                      finetune=lambda name: False)
+    return {method: weights for (method, _), weights in checked.items()}
+
+
 # ------------------------------------------------------------------------------------------ one method
 def _scaled_options(config: EfficiencyConfig, name: str) -> tuple[dict[str, Any], float, str]:
     """(config overrides to measure with, factor to scale latency and FLOPs by, a note for the row)."""
@@ -145,7 +167,11 @@ def _measure(config: EfficiencyConfig, name: str) -> dict[str, Any]:
     device = resolve_device(config.device)
     options, factor, scaling_note = _scaled_options(config, name)
     torch.manual_seed(config.seed)
-    method = create_method(name, **options).to(device).eval()
+    method = create_method(name, **options)
+    weights = weights_by_method(config).get(name)
+    if weights:
+        method.load(weights)
+    method = method.to(device).eval()
     counts = method.num_parameters()
     images, masks = photo_input(config.image_size, config.batch_size, config.seed, device)
 
@@ -182,7 +208,7 @@ def _measure(config: EfficiencyConfig, name: str) -> dict[str, Any]:
         "gflops_per_image": memory.value * factor / config.batch_size / 1e9,
         "throughput_batch": config.throughput_batch, "throughput_img_s": throughput, "scaled": scaling_note,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": _load_average(),
-        "error": "",
+        "weights": weights or "", "error": "",
     }
 
 
@@ -215,6 +241,7 @@ def run_efficiency(config: EfficiencyConfig) -> Path:
     the path of efficiency.csv, rewritten after each method."""
     validate(config)
     methods = resolve_methods(config)
+    published = check_weights(config, methods)
     out = Path(config.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "efficiency_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
@@ -229,6 +256,8 @@ def run_efficiency(config: EfficiencyConfig) -> Path:
         except Exception as exc:  # noqa: BLE001 - one broken method must not lose the others' figures
             row = _failed_row(name, config, exc)
             print(f"warning: {name} could not be measured: {row['error']}", file=sys.stderr)
+        if name in published:
+            row["weights_sha256"] = published[name].sha256
         rows.append(row)
         write_csv_atomic(pd.DataFrame(rows), csv_path)
         if not row.get("error"):

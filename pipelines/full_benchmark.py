@@ -4,6 +4,7 @@
     python -m pipelines.full_benchmark --config paper --datasets celeba:/data/celeba paris:/data/paris
     python -m pipelines.full_benchmark --datasets folder:~/photos --source nvidia --folder ~/masks
     python -m pipelines.full_benchmark --ray-address auto --mlflow-uri http://mlflow-host:5000
+    python -m pipelines.full_benchmark --config paper --plan   # cells, pairs, shards, GPU-hours: runs nothing
 
 Stages: (1) check the MLflow store and the Ray cluster, build the image sets and freeze each dataset's
 test manifest before any method runs, (2) run one cell per method × dataset × seed (train, then
@@ -27,13 +28,16 @@ from tqdm.auto import tqdm
 
 from bench import distributed
 from bench.cell import CellSpec, parse_dataset, read_done, run_cell
+from bench.checkpoints import PublishedWeights, absolute_weights, check_published_weights
 from bench.cli import parse_config, run_main
 from bench.config import BenchmarkConfig, to_dict
 from bench.datasets import load_image_set, write_split_manifest
 from bench.distributed import CellOutcome
+from bench.shards import cluster_slots
 from bench.errors import UserError
+from bench.images import atomic_write_bytes
 from bench.manifest import MaskProtocol, build_manifest
-from bench.methods import available_methods, get_factory
+from bench.methods import apply_overrides, available_methods, create_method, get_factory
 from bench.tracking import Tracker, resolve_uri
 
 PRESETS = Path(__file__).parent / "presets" / "benchmark"
@@ -46,6 +50,7 @@ class Plan:
     methods: list[str]
     cells: list[CellSpec]
     dataset_digests: dict[str, str] = field(default_factory=dict)  # label → digest of the test images
+    weights: dict[tuple[str, str], PublishedWeights] = field(default_factory=dict)  # (method, label) → checkpoint
 
 
 def mask_protocol(config: BenchmarkConfig) -> MaskProtocol:
@@ -71,7 +76,7 @@ def absolute_paths(config: BenchmarkConfig) -> BenchmarkConfig:
 
     replace = dataclasses.replace
     return replace(config, out=absolute(config.out), inception_weights=absolute(config.inception_weights),
-                   lpips_weights=absolute(config.lpips_weights),
+                   lpips_weights=absolute(config.lpips_weights), weights=absolute_weights(config.weights),
                    data=replace(config.data, datasets=[entry(e) for e in config.data.datasets],
                                 cache_dir=absolute(config.data.cache_dir)),
                    masks=replace(config.masks, folder=absolute(config.masks.folder)))
@@ -86,15 +91,36 @@ def resolve_methods(config: BenchmarkConfig) -> list[str]:
     return methods
 
 
-def prepare(config: BenchmarkConfig, methods: list[str] | None = None) -> Plan:
+def check_weights(config: BenchmarkConfig, methods: list[str]) -> dict[tuple[str, str], PublishedWeights]:
+    """Load every published checkpoint of the run once, before anything is written (see bench.checkpoints)."""
+    if not config.weights:
+        return {}
+    labels = [parse_dataset(entry).label for entry in config.data.datasets]
+    bar = lambda items: tqdm(list(items), desc="check weights", unit="checkpoint", dynamic_ncols=True)  # noqa: E731
+    return check_published_weights(
+        config.weights, methods, labels, progress=bar,
+        create=lambda name: create_method(name, **config.method_options.get(name, {})),
+        finetune=lambda name: apply_overrides(config.train, config.train_options.get(name, {})).finetune)
+
+
+def trains(config: BenchmarkConfig, method: str, has_weights: bool) -> bool:
+    """Whether the method's cells train (and so need a training split)."""
+    train = apply_overrides(config.train, config.train_options.get(method, {}))
+    return (getattr(get_factory(method), "trainable", True) and train.steps > 0
+            and (not has_weights or train.finetune))
+
+
+def prepare(config: BenchmarkConfig, methods: list[str] | None = None,
+            weights: dict[tuple[str, str], PublishedWeights] | None = None) -> Plan:
     """Build image sets and freeze manifests: everything before the first cell runs."""
     out = Path(config.out).expanduser().resolve()
     methods = methods if methods is not None else resolve_methods(config)
+    weights = check_weights(config, methods) if weights is None else weights
     cells, digests = [], {}
-    needs_training = config.train.steps > 0 and any(getattr(get_factory(m), "trainable", True) for m in methods)
     for entry in config.data.datasets:
         dataset = parse_dataset(entry)
-        if needs_training:  # a missing training split fails now, not after hours of other cells
+        if any(trains(config, m, (m, dataset.label) in weights) for m in methods):
+            # a missing training split fails now, not after hours of other cells
             try:
                 load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.data.image_size,
                                limit=config.data.train_limit, cache_dir=config.data.cache_dir)
@@ -109,10 +135,10 @@ def prepare(config: BenchmarkConfig, methods: list[str] | None = None) -> Plan:
         for method in methods:
             for seed in config.seeds:
                 cells.append(CellSpec(method, entry, seed, str(cell_dir(out, dataset.label, method, seed, config.seeds)),
-                                      str(manifest_dir)))
+                                      str(manifest_dir), weights=weights.get((method, dataset.label))))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    return Plan(config, out, methods, cells, digests)
+    return Plan(config, out, methods, cells, digests, weights)
 
 
 def summary_line(record: dict) -> str:
@@ -122,11 +148,11 @@ def summary_line(record: dict) -> str:
 
 
 def run_serial(plan: Plan, on_done: distributed.OnDone) -> list[CellOutcome]:
-    """Cells one after another in this process, with the thread count a Ray task would get."""
+    """Cells one after another in this process, with the settings a Ray task would get (threads, device)."""
     outcomes = []
     for cell in tqdm(plan.cells, desc="cells", unit="cell", dynamic_ncols=True):
         was_done = read_done(cell.cell_dir) is not None
-        with distributed.torch_threads(distributed.cell_threads(plan.config.resources)):
+        with distributed.cell_settings(plan.config.resources):
             record = run_cell(plan.config, cell)
         outcome = CellOutcome(cell, record, skipped=was_done)
         on_done(outcome)
@@ -171,8 +197,65 @@ class CellLogger:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    return run_benchmark(parse_config(BenchmarkConfig, argv, presets=PRESETS, default_preset="default",
-                                      description=__doc__))
+    config = parse_config(BenchmarkConfig, argv, presets=PRESETS, default_preset="default", description=__doc__)
+    return run_plan(config) if config.plan else run_benchmark(config)
+
+
+def plan_cluster(config: BenchmarkConfig) -> tuple[int, str]:
+    """(cells the run could run at once, where) for --plan: the Ray cluster it would join, the local cluster it
+    would start (this machine's CPUs and GPUs, without starting it), or one at a time with --serial."""
+    resources = config.resources
+    if resources.serial:
+        return 1, "this machine, one cell at a time (--serial)"
+    address = distributed.cluster_address(resources)
+    if address:
+        with distributed.ray_cluster(resources, log_to_driver=False) as nodes:
+            pass
+    else:
+        import torch
+
+        nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+        distributed.check_feasible(resources, nodes)
+    total = {kind: sum(node.get(kind, 0.0) for node in nodes) for kind in ("CPU", "GPU")}
+    where = (f"the Ray cluster at {address}" if address else "a local Ray cluster on this machine") + \
+        f" ({len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs)"
+    return cluster_slots(nodes, resources.cpus_per_cell, resources.gpus_per_cell), where
+
+
+def run_plan(config: BenchmarkConfig) -> Path:
+    """--plan: resolve datasets, methods, cells and shards, estimate their cost, print it; run nothing. The test
+    manifests are built (frozen) if they do not exist yet, since the pair counts come from them; a later run
+    reuses them. Returns the path of plan.txt (the printed table)."""
+    import torch
+
+    from bench import devices
+    from bench.plan import estimate, render
+
+    config = absolute_paths(config)
+    methods = resolve_methods(config)
+    weights = check_weights(config, methods)
+    slots, where = plan_cluster(config)
+    plan = prepare(config, methods, weights)
+    sources = []
+    try:
+        device = devices.resolve_device(config.resources.device, gpus_per_cell=config.resources.gpus_per_cell)
+    except UserError as exc:  # planning a GPU run on a machine without one
+        device = torch.device("cpu")
+        sources.append(f"note: {exc} — timed on the CPU instead; pass --plan-latency-from an efficiency folder "
+                       "measured on the cluster's GPUs")
+    with distributed.torch_threads(distributed.cell_threads(config.resources)):
+        costs = estimate(config, plan.cells, slots, device, config.plan_latency_from,
+                         log=lambda text: print(text, flush=True))
+    if config.plan_latency_from:
+        sources.insert(0, f"latencies: inpaint from {Path(config.plan_latency_from) / 'efficiency.csv'} (methods it "
+                          f"lacks timed on {device}); harness timed on {device} over a few pairs")
+    else:
+        sources.insert(0, f"latencies: inpaint and harness timed on {device} over a few pairs, after a warm-up call")
+    text = render(config, costs, slots, where, sources)
+    print(text)
+    path = plan.out / "plan.txt"
+    atomic_write_bytes(path, (text + "\n").encode())
+    return path
 
 
 def run_benchmark(config: BenchmarkConfig) -> Path:
@@ -180,11 +263,12 @@ def run_benchmark(config: BenchmarkConfig) -> Path:
     started = time.perf_counter()
     config = absolute_paths(config)
     methods = resolve_methods(config)
+    weights = check_weights(config, methods)  # a bad checkpoint fails here, before anything is written
     # A bad MLflow URI or an impossible resource request fails here, before any image is read.
     tracker = Tracker.open(resolve_uri(config.tracking.mlflow_uri, config.out), config.tracking.experiment)
     cluster = contextlib.nullcontext() if config.resources.serial else distributed.ray_cluster(config.resources)
     with cluster:
-        plan = prepare(config, methods)
+        plan = prepare(config, methods, weights)
         tracker.start_benchmark(to_dict(config), plan.out)
         print(f"mlflow: experiment {tracker.experiment_name!r} in {tracker.uri}, run {tracker.parent_run_id}")
         logger = CellLogger(plan, tracker)

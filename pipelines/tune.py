@@ -153,7 +153,7 @@ class TuneConfig:
     max_failures: int = 2  # retries of a crashed trial, each from its last checkpoint
     snapshot_seconds: float = 1.0  # how often Tune saves the search state (what a killed driver can lose)
     verbose: int = 1  # Tune's console output: 0 silent, 1 status, 2 every result
-    # Fixed options of the method for every trial (YAML), e.g. {teacher: tresnet_l, teacher_path: /w/asl.pth}.
+    # Fixed options of the method for every trial (YAML or command line), e.g. {teacher: tresnet_l, teacher_path: /w/asl.pth}.
     method_options: dict[str, Any] = field(default_factory=dict)
     space: SearchSpace = field(default_factory=SearchSpace)
     val: ValidationConfig = field(default_factory=ValidationConfig)

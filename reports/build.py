@@ -60,6 +60,16 @@ def _provenance_section(cells: list[CellResult]) -> list[str]:
     backends = sorted({c.record.get("pixel_metrics", "eager") for c in cells})  # records before it: eager
     lines += ["", f"Pixel-metric backend (PSNR, SSIM, MAE): {'; '.join(backends)}. The compiled and eager backends "
               "give equal PSNR and MAE, and SSIM within 1e-5 of each other."]
+    published = sorted({(c.dataset, c.method, json.dumps(c.record["weights"], sort_keys=True))
+                        for c in cells if c.record.get("weights")})
+    if published:
+        lines += ["", "Published checkpoints loaded (column marks: *published weights* = evaluated as released):", "",
+                  "| Dataset | Method | Checkpoint | sha256 | Format | Release | Use |", "|---|---|---|---|---|---|---|"]
+        for dataset, method, text in published:
+            weights = json.loads(text)
+            use = weights["use"] + (f", {weights['finetune_steps']} steps" if weights.get("finetune_steps") else "")
+            lines.append(f"| {dataset} | {method} | `{Path(weights['path']).name}` | `{weights['sha256'][:16]}…` | "
+                         f"{weights['format']} | {weights['release']} | {use} |")
     substitutions = {(c.method, role): what for c in cells for role, what in c.record.get("substitutions", {}).items()}
     if substitutions:
         lines += ["", "Substitute networks used by methods (the paper's network could not be had):", ""]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.paper_compare import fmt, latex_grid, markdown_grid, write_text_atomic
+from reports.tables import fmt, latex_grid, markdown_grid, write_text_atomic
 
 PAPER_EFFICIENCY = Path(__file__).parent / "paper_data" / "efficiency_4_5.csv"
 DEFAULT_CSV = Path("efficiency") / "efficiency.csv"

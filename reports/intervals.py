@@ -22,7 +22,7 @@ from bench.evaluate import write_csv_atomic
 from bench.masks import PAPER_BINS
 from bench.metrics import PER_IMAGE_METRICS
 from reports.qualitative import has_per_image
-from reports.tables import STYLE, method_header
+from reports.tables import STYLE, latex_grid, markdown_grid, method_header, write_text_atomic
 
 REFERENCE_PAPER_NAME = "SAHN"
 INTERVAL_COLUMNS = ["dataset", "method", "reference", "metric", "bin", "n", "difference", "low", "high",
@@ -118,7 +118,6 @@ def interval_table(frame: pd.DataFrame, paper_names: dict[str, str | None],
 def render_intervals(frame: pd.DataFrame, out: Path, stem: str, caption: str,
                      paper_names: dict[str, str | None] | None = None, bins: Sequence[str] | None = None) -> list[str]:
     """Markdown lines for one dataset's intervals; LaTeX to ``out/report/tables/<stem>.tex``."""
-    from reports.paper_compare import latex_grid, markdown_grid, write_text_atomic
 
     bins = tuple(bins or dict.fromkeys(frame["bin"]))
     header, rows = interval_table(frame, paper_names or {}, bins)

@@ -13,14 +13,9 @@ S a substitute pretrained network inside the method, T trained here with our bud
 epochs), F FID unavailable offline. A paper value with a transcription note is marked [n].
 
 Table 4 (the ablation, ``python -m pipelines.ablation``) is rendered by :func:`table4_section`.
-
-Also home to the two plain table renderers the report sections share (:func:`markdown_grid`,
-:func:`latex_grid`): text cells in, Markdown or booktabs LaTeX out, every cell escaped.
 """
 from __future__ import annotations
 
-import math
-import unicodedata
 from pathlib import Path
 from typing import Sequence
 
@@ -28,9 +23,11 @@ import pandas as pd
 
 from bench.cell import parse_dataset
 from bench.suites import STANDS_IN_FOR
+from reports.intervals import interval_frame, render_intervals
 from reports.qualitative import cell_manifest
 from reports.results import combined_summary, find_cells
-from reports.tables import STYLE, dataset_table, latex_escape, latex_label, to_latex, to_markdown
+from reports.tables import (STYLE, dataset_table, fmt, latex_grid, markdown_grid, to_latex, to_markdown,
+                            write_text_atomic)
 
 PAPER_DATA = Path(__file__).parent / "paper_data" / "tables_1_to_4.csv"
 PAPER_TABLES = {"Paris StreetView": 1, "CelebA": 2, "Places2": 3}
@@ -52,78 +49,6 @@ MARKS = {
     "T": "trained here with our budget (steps × batch in cell.json); the paper trains 10 epochs",
     "F": "FID unavailable (no Inception weights offline): not compared",
 }
-
-
-# ------------------------------------------------------------------------------------------ renderers
-LATEX_EXTRA = {"Δ": r"$\Delta$", "†": r"\textsuperscript{\dag}", "²": r"\textsuperscript{2}", "±": r"$\pm$",
-               "—": "---", "≥": r"$\geq$", "≤": r"$\leq$", "−": "-", "·": r"$\cdot$", "≈": r"$\approx$",
-               "→": r"$\rightarrow$", "µ": r"$\mu$", "…": r"\dots{}", "‘": "`", "’": "'", "“": "``",
-               "”": "''"}
-
-
-def latex_text(text: str) -> str:
-    """Any text as compile-safe LaTeX: special characters escaped, known symbols as commands, any other
-    non-ASCII character reduced to its ASCII letters (or dropped)."""
-    escaped = latex_escape(str(text))
-    out = []
-    for char in escaped:
-        if char.isascii():
-            out.append(char)
-        elif char in LATEX_EXTRA:
-            out.append(LATEX_EXTRA[char])
-        else:
-            out.append(unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode())
-    return "".join(out)
-
-
-def _latex_cell(cell: str) -> str:
-    if len(cell) > 4 and cell.startswith("**") and cell.endswith("**"):
-        return rf"\textbf{{{latex_text(cell[2:-2])}}}"
-    return latex_text(cell)
-
-
-def _latex_row(cells: Sequence[str]) -> str:
-    row = " & ".join(_latex_cell(str(c)) for c in cells)
-    return ("{}" + row if row.startswith("[") else row) + r" \\"  # "\\[" would read as a row skip length
-
-
-def markdown_grid(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
-    """A GitHub Markdown table; ``align`` has one ``l``/``r`` per column (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
-
-    return "\n".join([line(header), "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-                     + [line(row) for row in rows])
-
-
-def latex_grid(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str, label: str,
-               align: str | None = None, notes: Sequence[str] = ()) -> str:
-    """A booktabs table; every cell escaped (``**x**`` becomes bold); ``notes`` go under the rule."""
-    align = align or "l" + "r" * (len(header) - 1)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(caption)}}}",
-             rf"\label{{{latex_label(label)}}}", rf"\begin{{tabular}}{{{align}}}", r"\toprule", _latex_row(header),
-             r"\midrule"]
-    lines += [_latex_row(row) for row in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [rf"\par\footnotesize {latex_text(note)}" for note in notes]
-    lines.append(r"\end{table}")
-    return "\n".join(lines)
-
-
-def write_text_atomic(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def fmt(value: float, digits: int, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
 # ------------------------------------------------------------------------------------------ paper data
@@ -313,8 +238,6 @@ def table4_rows(group: Sequence, paper: pd.DataFrame) -> tuple[list[list[str]], 
 
 
 def _table4_for_group(group: Sequence, out: Path, paper: pd.DataFrame) -> list[str]:
-    from reports.intervals import interval_frame, render_intervals
-
     group = sorted(group, key=_ablation_order)
     dataset = group[0].dataset
     tables = out / "report" / "tables"

@@ -46,17 +46,31 @@ def find_cells(out: str | Path) -> list[CellResult]:
     return cells
 
 
+def weights_label(record: dict) -> str | None:
+    """Where a column's weights come from: "published weights", "fine-tuned N steps from published
+    weights", "trained here, N steps", or None for a method with nothing to train."""
+    weights, train = record.get("weights"), record.get("train")
+    if weights:
+        steps = weights.get("finetune_steps")
+        return f"fine-tuned {steps} steps from published weights" if steps else "published weights"
+    if train:
+        return f"trained here, {train['steps']} steps"
+    return None
+
+
 def combined_summary(cells: list[CellResult]) -> pd.DataFrame:
-    """metric × bin rows of every cell, averaged over seeds: columns dataset, method, paper_name, bin, metric, value, n."""
+    """metric × bin rows of every cell, averaged over seeds: columns dataset, method, paper_name, weights,
+    bin, metric, value, n."""
     frames = []
     for cell in cells:
         frame = cell.summary()
         frame["dataset"], frame["method"] = cell.dataset, cell.method
         frame["paper_name"], frame["seed"] = cell.record.get("paper_name"), cell.record["seed"]
+        frame["weights"] = weights_label(cell.record)
         frames.append(frame)
     data = pd.concat(frames, ignore_index=True)
     keys = ["dataset", "method", "bin", "metric"]
     grouped = data.groupby(keys, sort=False, dropna=False)
     merged = grouped.agg(value=("value", "mean"), n=("n", "first"), seeds=("seed", "nunique"),
-                         paper_name=("paper_name", "first")).reset_index()
+                         paper_name=("paper_name", "first"), weights=("weights", "first")).reset_index()
     return merged

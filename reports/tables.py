@@ -1,12 +1,16 @@
 """Tables in the layout of the paper's Tables 1–3: metric × bin rows, methods as columns.
 
-Rendering is pure: a long frame in, Markdown or LaTeX (booktabs) text out.
+Rendering is pure: a long frame in, Markdown or LaTeX (booktabs) text out. The plain grids at the end
+(:func:`markdown_grid`, :func:`latex_grid`) render any rows of text cells for the other report sections.
 """
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -35,10 +39,13 @@ STYLE = {m.key: m for m in METRICS}
 PAPER_BINS = ("(0.2,0.4]", "(0.4,0.6]", "All")
 
 
-def method_header(method: str, paper_name: str | None) -> str:
-    if not isinstance(paper_name, str) or not paper_name or paper_name.lower() == method.lower():
-        return method
-    return f"{method} ({paper_name})"
+def method_header(method: str, paper_name: str | None, weights: str | None = None) -> str:
+    """``lama_fourier (LaMa-Fourier) [published weights]``: the column's method, the paper column it stands
+    for, and where its weights come from."""
+    header = method
+    if isinstance(paper_name, str) and paper_name and paper_name.lower() != method.lower():
+        header = f"{method} ({paper_name})"
+    return f"{header} [{weights}]" if isinstance(weights, str) and weights else header
 
 
 def dataset_table(summary: pd.DataFrame, bins=PAPER_BINS) -> pd.DataFrame:
@@ -47,7 +54,8 @@ def dataset_table(summary: pd.DataFrame, bins=PAPER_BINS) -> pd.DataFrame:
     summary = summary.copy()
     summary["metric"] = summary["metric"].str.lower()
     methods = list(dict.fromkeys(summary["method"]))
-    headers = {m: method_header(m, summary.loc[summary["method"] == m, "paper_name"].iloc[0]) for m in methods}
+    first = summary.drop_duplicates("method").set_index("method")
+    headers = {m: method_header(m, first.at[m, "paper_name"], first.get("weights", {}).get(m)) for m in methods}
     rows, index = [], []
     present = [s for s in METRICS if s.key in set(summary["metric"])]
     for style in present:
@@ -141,3 +149,76 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
         previous = metric
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ plain grids
+# Text cells in, Markdown or booktabs LaTeX out, every cell escaped: the renderers every report section shares.
+LATEX_EXTRA = {"Δ": r"$\Delta$", "†": r"\textsuperscript{\dag}", "²": r"\textsuperscript{2}", "±": r"$\pm$",
+               "—": "---", "≥": r"$\geq$", "≤": r"$\leq$", "−": "-", "·": r"$\cdot$", "≈": r"$\approx$",
+               "→": r"$\rightarrow$", "µ": r"$\mu$", "…": r"\dots{}", "‘": "`", "’": "'", "“": "``",
+               "”": "''"}
+
+
+def latex_text(text: str) -> str:
+    """Any text as compile-safe LaTeX: special characters escaped, known symbols as commands, any other
+    non-ASCII character reduced to its ASCII letters (or dropped)."""
+    escaped = latex_escape(str(text))
+    out = []
+    for char in escaped:
+        if char.isascii():
+            out.append(char)
+        elif char in LATEX_EXTRA:
+            out.append(LATEX_EXTRA[char])
+        else:
+            out.append(unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode())
+    return "".join(out)
+
+
+def _latex_cell(cell: str) -> str:
+    if len(cell) > 4 and cell.startswith("**") and cell.endswith("**"):
+        return rf"\textbf{{{latex_text(cell[2:-2])}}}"
+    return latex_text(cell)
+
+
+def _latex_row(cells: Sequence[str]) -> str:
+    row = " & ".join(_latex_cell(str(c)) for c in cells)
+    return ("{}" + row if row.startswith("[") else row) + r" \\"  # "\\[" would read as a row skip length
+
+
+def markdown_grid(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A GitHub Markdown table; ``align`` has one ``l``/``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+                     + [line(row) for row in rows])
+
+
+def latex_grid(header: Sequence[str], rows: Sequence[Sequence[str]], caption: str, label: str,
+               align: str | None = None, notes: Sequence[str] = ()) -> str:
+    """A booktabs table; every cell escaped (``**x**`` becomes bold); ``notes`` go under the rule."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_text(caption)}}}",
+             rf"\label{{{latex_label(label)}}}", rf"\begin{{tabular}}{{{align}}}", r"\toprule", _latex_row(header),
+             r"\midrule"]
+    lines += [_latex_row(row) for row in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\footnotesize {latex_text(note)}" for note in notes]
+    lines.append(r"\end{table}")
+    return "\n".join(lines)
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def fmt(value: float, digits: int, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"

@@ -24,9 +24,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import DeformConv2d
 
-from bench.layers import (PixelShuffleUp, ResnetBlock, ShortcutResBlock, SPADEResBlock, deformable_conv3x3,
-                          plain_conv3x3)
+from bench.discriminators import init_conv_
+from bench.layers import PixelShuffleUp, ResnetBlock, ShortcutResBlock, SPADEResBlock, plain_conv3x3
+from sahn.deformable import SAHNDeformableConv2d, deformable_conv3x3_factory
 
 NUM_SCALES = 3
 
@@ -98,14 +100,16 @@ class MultiScaleFusion(nn.Module):
     """MSF: SPADE residual blocks per scale, coarse to fine, nearest ×2 upsampling between scales, then conv7.
 
     ``blocks[n-1]`` and ``channels[n-1]`` are scale n's block count and width; blocks at the scales in
-    ``deformable_scales`` use deformable 3×3 convs. ``condition_channels[n-1]`` is the width of the map
-    that modulates scale n (F_str^n, or F_str^N at every scale without multi-scale fusion).
+    ``deformable_scales`` use deformable 3×3 convs, which run ``deform_inference`` (see sahn/deformable.py)
+    when no gradient is recorded. ``condition_channels[n-1]`` is the width of the map that modulates scale n
+    (F_str^n, or F_str^N at every scale without multi-scale fusion).
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], blocks: Sequence[int],
                  condition_channels: Sequence[int], hidden_channels: int, deformable_scales: Sequence[int],
-                 outer_kernel: int = 7):
+                 outer_kernel: int = 7, deform_inference: str = "auto"):
         super().__init__()
+        deformable_conv3x3 = deformable_conv3x3_factory(deform_inference)
         stages = []
         width = in_channels
         for n in range(NUM_SCALES, 0, -1):
@@ -137,15 +141,28 @@ class GeneratorOutput:
     priors: list[torch.Tensor]  # conv1×1(F_pyr^n), finest first, in the teacher's channels
 
 
+def init_weights_(module: nn.Module) -> nn.Module:
+    """SPL/SPN's initialisation (their ``init_weights('normal')``): every convolution's weight N(0, 0.02)
+    and bias 0, deformable kernels included; the offset predictors of deformable convs stay at zero, so a
+    fresh deformable conv is a regular one (the standard DCN start)."""
+    offset_convs = {id(m.offset) for m in module.modules() if isinstance(m, SAHNDeformableConv2d)}
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, DeformConv2d)) and id(layer) not in offset_convs:
+            init_conv_(layer)
+    return module
+
+
 class SAHNGenerator(nn.Module):
     """G: E_text, the semantic prior mapper, ResBlock2 and MSF. ``use_msf=False`` is the paper's
     "w/o multi-scale semantic fusion" ablation: only the coarsest structure F_str^N is built, and it
-    modulates every scale (single-scale semantic guidance, as in SPL)."""
+    modulates every scale (single-scale semantic guidance, as in SPL). Initialised as SPL/SPN
+    (:func:`init_weights_`)."""
 
     def __init__(self, *, texture_channels: Sequence[int], encoder_channels: Sequence[int],
                  pyramid_channels: Sequence[int], teacher_channels: Sequence[int], multi_res_blocks: int,
                  res_dilation: int, msf_channels: Sequence[int], msf_blocks: Sequence[int], spade_hidden: int,
-                 deformable_scales: Sequence[int], use_unet: bool, use_msf: bool, outer_kernel: int = 7):
+                 deformable_scales: Sequence[int], use_unet: bool, use_msf: bool, outer_kernel: int = 7,
+                 deform_inference: str = "auto"):
         super().__init__()
         self.use_msf = use_msf
         self.texture_encoder = TextureEncoder(texture_channels, outer_kernel)
@@ -155,7 +172,8 @@ class SAHNGenerator(nn.Module):
         self.structure = nn.ModuleDict({str(i + 1): ResnetBlock(pyramid_channels[i]) for i in structured})
         conditions = pyramid_channels if use_msf else [pyramid_channels[-1]] * NUM_SCALES
         self.fusion = MultiScaleFusion(texture_channels[-1], msf_channels, msf_blocks, conditions, spade_hidden,
-                                       deformable_scales, outer_kernel)
+                                       deformable_scales, outer_kernel, deform_inference)
+        init_weights_(self)
 
     def forward(self, broken: torch.Tensor, mask: torch.Tensor) -> GeneratorOutput:
         """``broken`` = I_full ⊙ (1 − M) + M and ``mask`` (1 = hole) at H×H, H a multiple of 4."""

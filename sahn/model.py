@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from bench.errors import UserError
 from bench.layers import FrozenNetworks
-from bench.losses import (create_perceptual_loss, discriminator_adversarial_loss, generator_adversarial_loss,
-                          hole_weighted_l1, semantic_prior_loss)
+from bench.losses import create_perceptual_loss, hole_weighted_l1, semantic_prior_loss
 from bench.methods import InpaintingMethod, apply_overrides, variant
 from bench.teacher import TEACHER_NAMES, create_teacher, substitution_note
-from sahn.discriminator import MaskGuidedDiscriminator
+from sahn.deformable import INFERENCE_KERNELS
+from sahn.discriminator import D_TARGETS, MaskGuidedDiscriminator, discriminator_loss, generator_loss
 from sahn.generator import NUM_SCALES, SAHNGenerator
 
 #: §4.5 of the paper: "98.7 M parameters (395 MB storage)"
@@ -49,12 +49,16 @@ class SAHNConfig:
     msf_blocks: tuple[int, int, int] = (1, 2, 8)
     spade_hidden: int = 128  # width of SPADE's shared conv
     deformable_scales: tuple[int, ...] = (1, 2, 3)  # MSF scales whose blocks use deformable 3×3 convs; () = none
+    # deformable kernel without autograd (inpaint): auto = torchvision on CUDA, bag elsewhere (sahn/deformable.py);
+    # gather = the training kernel. Outputs agree to float rounding, so this is a speed setting
+    deform_inference: str = "auto"
     # ablations (the paper's Table 4)
     use_unet: bool = True  # False: no skip connections from E_s into the prior pyramid
     use_msf: bool = True  # False: only F_str^N, modulating every scale (single-scale semantic fusion)
     # discriminator: four stride-2 convs (three hidden widths, then one logit per patch)
     disc_channels: tuple[int, int, int] = (64, 128, 256)
     disc_spectral_norm: bool = True
+    d_target: str = "mask"  # mask: patches of I_pred without hole pixels are real; image: all of I_pred is fake
     # loss L = w_rec·L_rec + w_fm·L_fm + w_adv·L_adv + w_prior·L_prior (the paper's §4.1 weights)
     w_rec: float = 1.0
     w_fm: float = 0.3
@@ -84,6 +88,11 @@ def validate(config: SAHNConfig) -> None:
             raise UserError(f"SAHN option {name}={value}: needs {NUM_SCALES} positive integers")
     if any(n not in range(1, NUM_SCALES + 1) for n in config.deformable_scales):
         raise UserError(f"SAHN option deformable_scales={tuple(config.deformable_scales)}: scales are 1..{NUM_SCALES}")
+    if config.d_target not in D_TARGETS:
+        raise UserError(f"SAHN option d_target={config.d_target!r}: choose one of {', '.join(D_TARGETS)}")
+    if config.deform_inference not in INFERENCE_KERNELS:
+        raise UserError(f"SAHN option deform_inference={config.deform_inference!r}: choose one of "
+                        f"{', '.join(INFERENCE_KERNELS)}")
     if config.teacher not in TEACHER_NAMES:
         raise UserError(f"SAHN option teacher={config.teacher!r}: choose one of {', '.join(TEACHER_NAMES)}")
     if config.outer_kernel < 1 or config.outer_kernel % 2 == 0:
@@ -141,7 +150,7 @@ class SAHN(FrozenNetworks, InpaintingMethod):
             multi_res_blocks=config.multi_res_blocks, res_dilation=config.res_dilation,
             msf_channels=config.msf_channels, msf_blocks=config.msf_blocks, spade_hidden=config.spade_hidden,
             deformable_scales=tuple(config.deformable_scales), use_unet=config.use_unet, use_msf=config.use_msf,
-            outer_kernel=config.outer_kernel)
+            outer_kernel=config.outer_kernel, deform_inference=config.deform_inference)
         self.discriminator = MaskGuidedDiscriminator(config.disc_channels, use_spectral_norm=config.disc_spectral_norm)
         betas = tuple(config.betas)
         self.optimizers = {
@@ -177,6 +186,10 @@ class SAHN(FrozenNetworks, InpaintingMethod):
         """I_pred = I_full ⊙ (1 − M) + I_out ⊙ M: known pixels from the image, holes from the generator."""
         return images * (1 - masks) + output * masks
 
+    def fake_patches(self, masks: torch.Tensor) -> torch.Tensor | None:
+        """D's per-patch fake labels for I_pred under ``d_target="mask"``; None when every patch is fake."""
+        return self.discriminator.fake_patches(masks) if self.config.d_target == "mask" else None
+
     def losses(self, images: torch.Tensor, masks: torch.Tensor, output, goals: list[torch.Tensor],
                fake_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """The generator's four loss terms and their weighted total (the paper's eq. 14)."""
@@ -184,14 +197,14 @@ class SAHN(FrozenNetworks, InpaintingMethod):
         terms = {
             "rec": hole_weighted_l1(output.image, images, masks, config.hole_weight),
             "fm": self.perceptual(output.image, images),
-            "adv": generator_adversarial_loss(fake_logits),
+            "adv": generator_loss(fake_logits, self.fake_patches(masks)),
             "prior": semantic_prior_loss(output.priors, goals, masks, config.alpha),
         }
         terms["total"] = (config.w_rec * terms["rec"] + config.w_fm * terms["fm"] + config.w_adv * terms["adv"]
                           + config.w_prior * terms["prior"])
         return terms
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One discriminator step, then one generator step, on the same batch."""
         images, masks = batch["image"], batch["mask"]
         goals = self.teacher(upsample_image(images))  # F_goal^n of the full image, no gradients
@@ -201,10 +214,10 @@ class SAHN(FrozenNetworks, InpaintingMethod):
         # D: real I_full and restored I_pred in one batch ("jointly used as inputs")
         logits = self.discriminator(torch.cat([images, restored.detach()]))
         real_logits, fake_logits = logits.chunk(2)
-        d_loss = discriminator_adversarial_loss(real_logits, fake_logits)
+        d_loss = discriminator_loss(real_logits, fake_logits, self.fake_patches(masks))
         self.optimizers["discriminator"].zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.optimizers["discriminator"].step()
+        self.backward(d_loss)
+        self.step("discriminator")
 
         # G: D's weights are fixed for this step, so no gradient is computed for them
         self.discriminator.requires_grad_(False)
@@ -213,9 +226,9 @@ class SAHN(FrozenNetworks, InpaintingMethod):
         finally:
             self.discriminator.requires_grad_(True)
         self.optimizers["generator"].zero_grad(set_to_none=True)
-        terms["total"].backward()
-        self.optimizers["generator"].step()
-        return {**{k: float(v.detach()) for k, v in terms.items()}, "d": float(d_loss.detach())}
+        self.backward(terms["total"])
+        self.step("generator")
+        return {**{k: v.detach() for k, v in terms.items()}, "d": d_loss.detach()}
 
 
 # --------------------------------------------------------------------- variants
@@ -260,6 +273,18 @@ def sahn_paper_no_unet(**overrides: Any) -> SAHN:
 @variant(scale="ablation", paper_name="SAHN w/o multi-scale semantic fusion")
 def sahn_paper_no_msf(**overrides: Any) -> SAHN:
     return sahn_paper(**{"use_msf": False, **overrides})
+
+
+# The other reading of D's targets (every patch of I_pred fake), beside the default mask-guided one. Still
+# the paper's model, so its paper column is SAHN's.
+@variant(scale="ablation", paper_name="SAHN")
+def sahn_tiny_d_image(**overrides: Any) -> SAHN:
+    return sahn_tiny(**{"d_target": "image", **overrides})
+
+
+@variant(scale="ablation", paper_name="SAHN")
+def sahn_paper_d_image(**overrides: Any) -> SAHN:
+    return sahn_paper(**{"d_target": "image", **overrides})
 
 
 # --------------------------------------------------------------------- size report

@@ -187,21 +187,47 @@ def test_official_checkpoint_loads_strictly_and_reproduces_the_saved_model(tmp_p
 def test_official_checkpoint_variants_load(tmp_path):
     source = tiny(0)
     images, masks = batch()
-    # generator only (enough to inpaint), and keys saved from a DataParallel wrapper
+    # generator only (enough to inpaint: absent or empty discriminator), and keys saved from a DataParallel wrapper
     write_official_checkpoint(source, tmp_path / "g.pt", discriminator=False)
+    torch.save({"n_iter": 5, "generator": source.generator.state_dict(), "discriminator": {}}, tmp_path / "empty_d.pt")
     write_official_checkpoint(source, tmp_path / "ddp.pt", prefix="module.")
-    for name in ("g.pt", "ddp.pt"):
+    for name in ("g.pt", "empty_d.pt", "ddp.pt"):
         target = tiny(1)
-        target.load(tmp_path / name)
+        discriminator_before = {k: v.clone() for k, v in target.discriminator.state_dict().items()}
+        if name == "ddp.pt":
+            target.load(tmp_path / name)
+        else:
+            with pytest.warns(UserWarning, match="a generator-only release"):
+                target.load(tmp_path / name)
+            assert all(torch.equal(v, discriminator_before[k]) for k, v in target.discriminator.state_dict().items())
+            assert target.loaded_checkpoint.networks == ("generator",)
         torch.testing.assert_close(target.inpaint(images, masks), source.inpaint(images, masks), rtol=0, atol=0)
+
+
+def test_official_checkpoint_decides_levels_and_widths(tmp_path):
+    source = tiny(0, encoder_channels=(8, 16, 32, 32), encoder_kernels=(7, 5, 3, 3), discriminator_channels=4,
+                  edge_detector_channels=4)
+    randomise_batch_norm_statistics(source, seed=9)
+    write_official_checkpoint(source, tmp_path / "narrow.pt")
+    info = CTSDG.inspect_official(tmp_path / "narrow.pt")
+    assert info.config == {"encoder_channels": (8, 16, 32, 32), "encoder_kernels": (7, 5, 3, 3),
+                           "preprocessing": "official", "discriminator_channels": 4, "edge_detector_channels": 4}
+    assert info.variant == "ctsdg" and info.networks == ("generator", "discriminator")
+    target = tiny(1, preprocessing="corrected").load(tmp_path / "narrow.pt")
+    assert target.generator.levels == 4 and target.config.preprocessing == "official"
+    images, masks = batch()
+    torch.testing.assert_close(target.inpaint(images, masks), source.inpaint(images, masks), rtol=0, atol=0)
+    write_official_checkpoint(tiny(0), tmp_path / "tiny.pt")
+    assert CTSDG.inspect_official(tmp_path / "tiny.pt").variant == "ctsdg_tiny"
 
 
 def test_official_checkpoint_errors(tmp_path):
     source = tiny(0)
-    narrower = tiny(0, encoder_channels=(8, 16, 32, 64, 64))
-    write_official_checkpoint(narrower, tmp_path / "narrow.pt")
-    with pytest.raises(CheckpointError, match="shape mismatches"):
-        tiny(1).load(tmp_path / "narrow.pt")
+    broken = source.generator.state_dict()
+    broken["dc_texture_2.conv.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save({"n_iter": 1, "generator": broken}, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*dc_texture_2\.conv\.weight"):
+        tiny(1).load(tmp_path / "broken.pt")
     extra = {**source.generator.state_dict(), "ec_texture_9.conv.weight": torch.zeros(1)}
     torch.save({"n_iter": 1, "generator": extra}, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match="unexpected keys: ec_texture_9.conv.weight"):
@@ -425,3 +451,23 @@ def test_bad_options_raise_user_errors():
         ctsdg_tiny(encoder_kernels=(7, 5))
     with pytest.raises(UserError):
         ctsdg_tiny(no_such_option=1)
+
+
+def test_host_made_structure_inputs_give_the_same_training_step_and_inference(monkeypatch):
+    """The training loop's data path (and evaluation's) computes gray + Canny with ``host_preprocessing`` on the
+    CPU batch; the step and the prediction are the same as when the method computes them itself."""
+    images, masks = batch()
+    method = tiny(0)
+    no_feature_losses(monkeypatch, method)
+    reference = copy.deepcopy(method)
+    no_feature_losses(monkeypatch, reference)
+    for purpose in ("train", "inpaint"):  # CTSDG's inputs come from the whole image either way
+        inputs = method.host_preprocessing(purpose)(images, masks)
+        expected_gray, expected_edges = method.structure_inputs(images)
+        assert torch.equal(inputs["gray"], expected_gray) and torch.equal(inputs["edges"], expected_edges)
+    inputs = method.host_preprocessing("train")(images, masks)
+    assert method.train_step({"image": images, "mask": masks, **inputs}) == reference.train_step(
+        {"image": images, "mask": masks})
+    assert all(torch.equal(a, b) for a, b in zip(method.state_dict().values(), reference.state_dict().values()))
+    inputs = method.host_preprocessing("inpaint")(images, masks)
+    assert torch.equal(method.inpaint(images, masks, **inputs), method.inpaint(images, masks))

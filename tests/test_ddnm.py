@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench.errors import CheckpointError, NotTrainable, UserError, WeightsUnavailable
-from baselines.ddnm import (DDNMConfig, alpha_bar_table, ddnm, ddnm_imagenet, ddnm_sample, ddnm_tiny, linear_betas,
-                            time_travel_schedule, timestep_pairs)
+from baselines.ddnm import (DDNMConfig, PreDrawnNoise, alpha_bar_table, ddnm, ddnm_imagenet, ddnm_sample, ddnm_tiny,
+                            gaussian_like, linear_betas, time_travel_schedule, timestep_pairs)
 from baselines.ddnm_unet import GuidedAttention, SimpleUNet
 
 # A 32² member of the family: fast enough for sampler properties on CPU.
@@ -269,6 +269,50 @@ def test_per_sample_generators_make_each_sample_independent_of_the_batch():
     both = ddnm_sample(unet, y, known, steps=3, generator=[seeded(10), seeded(11)])
     second = ddnm_sample(unet, y[1:], known[1:], steps=3, generator=[seeded(11)])
     torch.testing.assert_close(both[1:], second, atol=1e-4, rtol=1e-4)  # batched-conv roundoff only
+
+
+# ----------------------------------------------------------------------------- noise drawn ahead of the steps
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_pre_drawn_noise_equals_one_draw_per_step_across_chunks(per_sample):
+    """Draws made several steps at a time (here chunks of 2 of 5 draws, so a partial last chunk) are the ones a
+    :func:`gaussian_like` call per step gives, generator by generator."""
+    like = torch.zeros(3, 3, 8, 8)
+    def generators():
+        return [seeded(20 + i) for i in range(3)] if per_sample else seeded(20)
+    chunk_bytes = 2 * like.numel() * 4
+    pre_drawn, stepwise = PreDrawnNoise(generators(), like, draws=5, chunk_bytes=chunk_bytes), generators()
+    for _ in range(5):
+        assert torch.equal(pre_drawn(), gaussian_like(like, stepwise))
+    with pytest.raises(RuntimeError, match="more noise"):
+        pre_drawn()
+
+
+def test_sampling_with_cpu_generators_draws_what_the_global_rng_would_per_step():
+    """The sampler's noise from a CPU generator is pre-drawn; from the global RNG (the same seed, the same
+    sequence) it is drawn step by step, as before. Equal results show the same numbers reach the same steps, time
+    travel included."""
+    images, holes = inpainting_problem(batch=2)
+    y, known = images * 2 - 1, 1 - holes
+    def eps(x, t):  # elementwise: no batch-dependent roundoff
+        return 0.1 * x + 1e-4 * t.view(-1, 1, 1, 1)
+    options = dict(steps=6, eta=0.85, travel_length=2, travel_repeat=1)
+    torch.manual_seed(31)
+    stepwise = ddnm_sample(eps, y, known, **options)
+    assert torch.equal(ddnm_sample(eps, y, known, generator=seeded(31), **options), stepwise)
+    per_pair = [ddnm_sample(eps, y[i:i + 1], known[i:i + 1], generator=seeded(40 + i), **options) for i in range(2)]
+    batched = ddnm_sample(eps, y, known, generator=[seeded(40), seeded(41)], **options)
+    assert torch.equal(batched, torch.cat(per_pair))
+    for i in range(2):
+        torch.manual_seed(40 + i)
+        assert torch.equal(per_pair[i], ddnm_sample(eps, y[i:i + 1], known[i:i + 1], **options))
+
+
+def test_training_reads_the_alpha_bar_table_of_the_schedule():
+    method = small_method()
+    x = torch.zeros(2, 3, 32, 32)
+    table = method.training_alpha_bars(x)
+    assert table is method.training_alpha_bars(x)  # made once per device and dtype, not per step
+    assert torch.equal(table, torch.as_tensor(alpha_bar_table(method.betas)[1:], dtype=torch.float32))
 
 
 # ----------------------------------------------------------------------------- the method

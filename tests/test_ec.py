@@ -124,18 +124,56 @@ def test_official_folder_errors(tmp_path):
     source = tiny(0)
     write_official_folder(source, tmp_path)
     (tmp_path / "InpaintingModel_gen.pth").unlink()
-    with pytest.raises(CheckpointError, match="InpaintingModel_gen.pth"):
+    with pytest.raises(CheckpointError, match="an EdgeConnect release folder without InpaintingModel_gen.pth"):
         tiny(1).load(tmp_path)
-    # a file from a different architecture fails strictly, naming the offending keys
-    wider = tiny(0, base_channels=8)
-    write_official_folder(wider, tmp_path)
-    with pytest.raises(CheckpointError, match="shape mismatches"):
+    with pytest.raises(CheckpointError, match="one file of an EdgeConnect release; load the folder"):
+        tiny(1).load(tmp_path / "EdgeModel_gen.pth")
+    # a tensor whose shape contradicts the rest of the file fails strictly, naming the offending key
+    broken = source.edge_generator.state_dict()
+    broken["middle.1.conv_block.1.weight_orig"] = torch.zeros(3, 3, 3, 3)
+    write_official_folder(source, tmp_path)
+    torch.save({"iteration": 1, "generator": broken}, tmp_path / "EdgeModel_gen.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatches.*middle\.1\.conv_block\.1\.weight_orig"):
         tiny(1).load(tmp_path)
     extra = {**source.edge_generator.state_dict(), "encoder.99.weight": torch.zeros(1)}
-    write_official_folder(source, tmp_path)
     torch.save({"iteration": 1, "generator": extra}, tmp_path / "EdgeModel_gen.pth")
     with pytest.raises(CheckpointError, match="unexpected keys: encoder.99.weight"):
         tiny(1).load(tmp_path)
+
+
+def test_official_folder_decides_the_network_sizes(tmp_path):
+    """Widths and block counts come from the files, whatever the variant was created with."""
+    source = tiny(0, base_channels=8, residual_blocks=3, discriminator_channels=4)
+    write_official_folder(source, tmp_path)
+    info = EdgeConnect.inspect_official(tmp_path)
+    assert info.config == {"base_channels": 8, "residual_blocks": 3, "discriminator_channels": 4}
+    assert info.variant == "ec" and info.format == "official"
+    assert set(info.files) == {"EdgeModel_gen.pth", "EdgeModel_dis.pth", "InpaintingModel_gen.pth",
+                               "InpaintingModel_dis.pth"}
+    target = tiny(1).load(tmp_path)
+    config = target.config
+    assert (config.base_channels, config.residual_blocks, config.discriminator_channels) == (8, 3, 4)
+    images, masks = batch()
+    torch.testing.assert_close(target.inpaint(images, masks), source.inpaint(images, masks), rtol=0, atol=0)
+    assert target.loaded_checkpoint == info
+    # the CPU-sized preset's shapes name the tiny variant
+    write_official_folder(tiny(0), tmp_path)
+    assert EdgeConnect.inspect_official(tmp_path).variant == "ec_tiny"
+
+
+def test_generator_only_folder_loads_with_a_warning(tmp_path):
+    source = tiny(0)
+    write_official_folder(source, tmp_path)
+    for name in ("EdgeModel_dis.pth", "InpaintingModel_dis.pth"):
+        (tmp_path / name).unlink()
+    target = tiny(1)
+    discriminator_before = {k: v.clone() for k, v in target.inpaint_discriminator.state_dict().items()}
+    with pytest.warns(UserWarning, match="a generator-only release"):
+        target.load(tmp_path)
+    images, masks = batch()
+    torch.testing.assert_close(target.inpaint(images, masks), source.inpaint(images, masks), rtol=0, atol=0)
+    assert all(torch.equal(v, discriminator_before[k]) for k, v in target.inpaint_discriminator.state_dict().items())
+    assert target.loaded_checkpoint.networks == ("edge_generator", "inpaint_generator")
 
 
 def test_harness_checkpoint_round_trip(tmp_path):
@@ -277,3 +315,21 @@ def test_bad_options_raise_user_errors():
         ec_tiny(feature_network="vgg16")
     with pytest.raises(UserError):
         ec_tiny(no_such_option=1)
+
+
+# ------------------------------------------------------------------ gray + Canny made on the host
+def test_host_made_edges_give_the_same_training_step_and_inference():
+    """The training loop's data path (and evaluation's) computes gray + Canny with ``host_preprocessing`` on the
+    CPU batch; the step and the prediction are the same as when the method computes them itself."""
+    images, masks = batch()
+    method = tiny(0, stage="edge")  # the stage without the pretrained loss network: fast
+    reference = copy.deepcopy(method)
+    train_inputs = method.host_preprocessing("train")(images, masks)
+    assert torch.equal(train_inputs["edges"], gray_and_edges(images, sigma=2.0)[1])  # whole image in training
+    losses = method.train_step({"image": images, "mask": masks, **train_inputs})
+    expected = reference.train_step({"image": images, "mask": masks})
+    assert losses == expected
+    assert all(torch.equal(a, b) for a, b in zip(method.parameters(), reference.parameters()))
+    inference_inputs = method.host_preprocessing("inpaint")(images, masks)
+    assert torch.equal(inference_inputs["edges"], gray_and_edges(images, sigma=2.0, masks=masks)[1])  # known pixels
+    assert torch.equal(method.inpaint(images, masks, **inference_inputs), method.inpaint(images, masks))

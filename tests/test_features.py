@@ -236,3 +236,29 @@ def test_scorer_uses_explicit_files(random_inception_file, random_alexnet_file, 
         "inception_v3_fid": (1, 2048), "efficientnet_lite0": (1, 1280)}
     assert scorer.provenance()["inception_v3_fid"].startswith("random_fid_inception.pth sha256:")
     assert np.isfinite(features["inception_v3_fid"].numpy()).all()
+
+
+# ---------------------------------------------------------------------------------- one embedding per ground truth
+def test_a_shared_ground_truth_embedded_once_scores_like_each_pair_on_its_own(random_alexnet_file, monkeypatch):
+    """Scorer.reference embeds each ground truth once for all its pairs; LPIPS split into embed + compare is the
+    lpips package's forward operation for operation; the scores are those of every pair scored alone."""
+    from bench.features import uint8_to_signed
+    from bench.scoring import select
+
+    accept_test_files_for(monkeypatch, "alexnet")
+    scorer = Scorer(device=torch.device("cpu"), lpips_trunk_path=random_alexnet_file)
+    lpips_net = scorer._distances["lpips"]
+    truths = random_images(2, 48, seed=1)
+    index = torch.tensor([0, 0, 0, 1, 1])  # three pairs of the first image, two of the second
+    pred = noisy(truths[index], 20, seed=2)
+    with torch.no_grad():
+        for i in range(len(pred)):
+            one, gt = pred[i:i + 1], truths[index[i:i + 1]]
+            assert torch.equal(lpips_net(one, gt), lpips_net.model(uint8_to_signed(one), uint8_to_signed(gt))
+                               .flatten().double())
+    reference = {name: select(embedding, index) for name, embedding in scorer.reference(truths).items()}
+    shared = scorer.per_image(pred, truths[index], reference)
+    alone = [scorer.per_image(pred[i:i + 1], truths[index[i:i + 1]]) for i in range(len(pred))]
+    assert list(shared) == ["psnr", "ssim", "mae", "lpips", "lite0_dist"]
+    for name, values in shared.items():
+        assert torch.equal(values, torch.cat([scores[name] for scores in alone])), name

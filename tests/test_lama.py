@@ -180,12 +180,28 @@ def test_checkpoint_with_a_missing_key_fails_naming_it(tmp_path):
     assert "unexpected keys: discriminator.model9.0.weight" in str(error.value)
 
 
-def test_checkpoint_of_another_depth_fails_with_unexpected_blocks(tmp_path):
+def test_checkpoint_decides_depth_and_widths(tmp_path):
+    """A file of another depth or width loads as it is: block count, ngf, global ratio and the discriminator
+    come from its tensors, so a lama_tiny given a 3-block file becomes a 3-block LaMa."""
+    source = tiny(seed=1, n_blocks=3, ngf=8, ratio_g=0.5, disc_ndf=8, disc_n_layers=3)
+    scramble_batchnorm_statistics(source, seed=5)
     path = tmp_path / "deeper.ckpt"
-    torch.save(lightning_checkpoint(tiny(n_blocks=3)), path)
-    # 3 blocks shift the upsampling layers by one index: model.10 is a ReLU in the 2-block generator
-    with pytest.raises(CheckpointError, match=r"missing keys: .*unexpected keys: .*generator\.model\.10\.weight"):
-        tiny(n_blocks=2).load(path)
+    torch.save(lightning_checkpoint(source), path)
+    info = LaMa.inspect_official(path)
+    assert info.config == {"ngf": 8, "n_downsampling": 3, "n_blocks": 3, "ratio_g": 0.5, "max_features": 1024,
+                           "disc_ndf": 8, "disc_n_layers": 3}
+    assert info.variant == "lama_fourier" and info.release == "a LaMa release (3 FFC blocks)"
+    target = tiny(seed=2).load(path)
+    assert target.config.n_blocks == 3 and target.name == "lama_tiny"
+    images, masks = torch.rand(1, 3, 32, 32), (torch.rand(1, 1, 32, 32) > 0.5).float()
+    assert torch.equal(target.inpaint(images, masks), source.inpaint(images, masks))
+    # a bottleneck narrower than ngf·2^n (max_features) and an odd global split are read back exactly
+    odd = tiny(seed=1, ngf=8, max_features=48, ratio_g=0.7)
+    torch.save(lightning_checkpoint(odd), path)
+    config = LaMa.inspect_official(path).config
+    assert config["max_features"] == 48
+    assert int(48 * config["ratio_g"]) == int(48 * 0.7)
+    assert tiny(seed=2).load(path).generator.state_dict().keys() == odd.generator.state_dict().keys()
 
 
 def test_checkpoint_without_generator_is_a_clear_error(tmp_path):
@@ -201,7 +217,7 @@ def test_generator_only_checkpoint_keeps_the_discriminator(tmp_path):
     state = {k: v for k, v in source.state_dict().items() if k.startswith("generator.")}
     path = tmp_path / "generator.ckpt"
     torch.save({"state_dict": state}, path)
-    with pytest.warns(UserWarning, match="no discriminator"):
+    with pytest.warns(UserWarning, match="a generator-only release"):
         target.load(path)
     assert all(torch.equal(v, target.discriminator.state_dict()[k]) for k, v in discriminator_before.items())
     assert all(torch.equal(v, target.generator.state_dict()[k.removeprefix("generator.")]) for k, v in state.items())

@@ -103,7 +103,7 @@ def test_missing_checkpoint_and_foreign_format(tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         method.load(tmp_path / "absent.pt")
     torch.save({"some": torch.zeros(1)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="no official checkpoint format"):
+    with pytest.raises(CheckpointError, match="neither a sahn-bench checkpoint nor an official release of test_tiny"):
         method.load(tmp_path / "foreign.pt")
 
 

@@ -188,3 +188,30 @@ def test_bad_step_scaling_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="step_scaling.tiny_profiled"):
         run_efficiency(small_config(tmp_path, step_scaling={"tiny_profiled": {"option": "steps"}}))
+
+
+def test_published_weights_are_measured_as_loaded(tmp_path):
+    """A checkpoint decides the network measured: a 16-channel file is measured at 16 channels although the
+    variant's default is 8, and the row names the file and its sha256."""
+    from bench.checkpoints import checkpoint_sha256
+
+    checkpoint = tmp_path / "released.pt"
+    methods.create_method("tiny_profiled", channels=16).save(checkpoint)
+    default = measure_method(small_config(tmp_path, throughput_batch=0), "tiny_profiled")
+    csv_path = run_efficiency(small_config(tmp_path, repeats=1, throughput_batch=0,
+                                           weights={"tiny_profiled": {"celeba": str(checkpoint)}}))
+    row = pd.read_csv(csv_path).iloc[0]
+    loaded = methods.create_method("tiny_profiled").load(checkpoint)
+    assert row["params_M"] == pytest.approx(sum(loaded.num_parameters().values()) / 1e6)
+    assert row["params_M"] > default["params_M"]
+    assert row["weights"] == str(checkpoint) and row["weights_sha256"] == checkpoint_sha256(checkpoint)
+
+
+def test_a_bad_checkpoint_stops_the_efficiency_run_before_any_measurement(tmp_path):
+    from bench.errors import UserError
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="broken.pt"):
+        run_efficiency(small_config(tmp_path, weights={"tiny_profiled": str(broken)}))
+    assert not (tmp_path / "efficiency" / "efficiency.csv").exists()

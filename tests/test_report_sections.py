@@ -12,7 +12,7 @@ from bench.datasets import load_image_set
 from bench.images import read_image, write_png
 from bench.manifest import MaskProtocol, build_manifest
 from bench.masks import in_bin
-from reports import efficiency_table, intervals, paper_compare, qualitative
+from reports import efficiency_table, intervals, paper_compare, qualitative, tables
 from reports.results import find_cells
 
 SIZE = 32
@@ -100,13 +100,13 @@ def assert_compile_safe(tex: str) -> None:
 
 def test_latex_text_escapes_everything_a_label_or_note_may_hold():
     nasty = "sahn_tiny & 50% #1 ~x^2 {a} \\ Δ=−0.5† (×10⁻¹) ↓ 256² ‘quoted’ … café"
-    text = paper_compare.latex_text(nasty)
+    text = tables.latex_text(nasty)
     assert_compile_safe(text)
     assert r"sahn\_tiny \& 50\% \#1" in text and r"$\Delta$" in text and "cafe" in text
 
 
 def test_latex_grid_is_booktabs_with_escaped_cells_and_bold():
-    tex = paper_compare.latex_grid(["Method", "PSNR ↑"], [["sahn_tiny", "**30.00**"], ["a&b", "1%"]], "Cap_tion",
+    tex = tables.latex_grid(["Method", "PSNR ↑"], [["sahn_tiny", "**30.00**"], ["a&b", "1%"]], "Cap_tion",
                                    "tab:x_y", notes=["note #1"])
     assert r"\toprule" in tex and r"\bottomrule" in tex and r"\textbf{30.00}" in tex
     assert r"\label{tab:x-y}" in tex  # a label key holds no escaped characters

@@ -1,6 +1,7 @@
 """SPL and SPN (baselines.spl): official sizes and key names, official DDP checkpoints, region normalisation,
 the prior learner's input, the official prior loss and schedule, training and inference."""
 import gc
+import warnings
 
 import pytest
 import torch
@@ -253,14 +254,55 @@ def test_partial_or_foreign_official_checkpoints_fail_naming_the_keys(tmp_path):
         tiny(spn_tiny, 1, teacher="tresnet_l").load(path)
     del payload["generator.module.extra.weight"]
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="unexpected keys"):  # an SPN checkpoint is not an SPL one
+    # an SPN checkpoint is not an SPL one: the error says which method it loads into
+    with pytest.raises(CheckpointError, match=r"an SPN release file .*loads into method spn_tiny, not spl_tiny"):
         tiny(spl_tiny, 1, teacher="tresnet_l").load(path)
 
 
-def test_official_checkpoint_with_the_substitute_teacher_configured_is_a_clear_error(tmp_path):
-    torch.save(official_payload(tiny(spl_tiny, 0, teacher="tresnet_l")), tmp_path / "official.pt")
-    with pytest.raises(CheckpointError, match=r"teacher='tresnet_l'"):
-        tiny(spl_tiny, 1).load(tmp_path / "official.pt")
+@pytest.mark.parametrize("factory", [spl_tiny, spn_tiny])
+def test_official_checkpoint_configures_the_teacher_and_the_sizes(tmp_path, factory):
+    """No teacher= needed: the prior heads' widths say which teacher the file was trained for, and every width
+    and block count is read from the tensors (a file of other sizes than the variant's loads as it is)."""
+    source = tiny(factory, 0, teacher="tresnet_l", image_channels=(8, 8, 16), layout_channels=16, dense_blocks=1,
+                  dense_layers=2, spade_blocks=1, spade_hidden=8, disc_channels=8)
+    torch.save(official_payload(source), tmp_path / "official.pt")
+    info = type(source).inspect_official(tmp_path / "official.pt")
+    assert info.config["teacher"] == "tresnet_l" and info.config["image_channels"] == (8, 8, 16)
+    assert (info.config["dense_blocks"], info.config["dense_layers"], info.config["spade_blocks"],
+            info.config["spade_hidden"], info.config["disc_channels"]) == (1, 2, 1, 8, 8)
+    assert info.variant == source.kind  # not the tiny preset's shapes: the paper variant
+    target = tiny(factory, 1)  # configured with the Lite0 teacher
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        target.load(tmp_path / "official.pt")
+    assert not [w for w in caught if "generator-only" in str(w.message)]  # the file has its discriminator
+    assert target.config.teacher == "tresnet_l" and "teacher" not in target.substitutions
+    images, masks = batch()
+    torch.testing.assert_close(target.inpaint(images, masks), source.inpaint(images, masks), rtol=0, atol=0)
+    # the tiny preset's shapes name the tiny variant
+    torch.save(official_payload(tiny(factory, 0, teacher="tresnet_l")), tmp_path / "tiny.pt")
+    assert type(source).inspect_official(tmp_path / "tiny.pt").variant == f"{source.kind}_tiny"
+
+
+def test_generator_only_official_checkpoint_loads_with_a_warning(tmp_path):
+    source = tiny(spl_tiny, 0, teacher="tresnet_l")
+    payload = {k: v for k, v in official_payload(source).items() if not k.startswith("discriminator.")}
+    torch.save(payload, tmp_path / "generator.pt")
+    target = tiny(spl_tiny, 1, teacher="tresnet_l")  # already the file's configuration: nothing is rebuilt
+    before = {k: v.clone() for k, v in target.discriminator.state_dict().items()}
+    with pytest.warns(UserWarning, match="a generator-only release"):
+        target.load(tmp_path / "generator.pt")
+    assert all(torch.equal(v, before[k]) for k, v in target.discriminator.state_dict().items())
+    images, masks = batch()
+    torch.testing.assert_close(target.inpaint(images, masks), source.inpaint(images, masks), rtol=0, atol=0)
+
+
+def test_prior_heads_of_no_known_teacher_are_a_clear_error(tmp_path):
+    payload = official_payload(tiny(spl_tiny, 0, teacher="tresnet_l"))
+    payload["generator.module.feature_mapping.weight"] = torch.zeros(7, 32, 1, 1)
+    torch.save(payload, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"prior heads predict \(7,\) channels, which fit no teacher"):
+        tiny(spl_tiny, 1).load(tmp_path / "odd.pt")
 
 
 def test_harness_checkpoint_round_trip_keeps_the_step_count(tmp_path):
@@ -307,7 +349,7 @@ def test_train_steps_follow_the_losses_and_the_step_schedule():
         learning_rates.append([g["lr"] for o in method.optimizers.values() for g in o.param_groups])
     assert learning_rates == [[1e-4, 1e-4], [1e-5, 1e-5], [1e-5, 1e-5]]
     for step, terms in enumerate(losses):
-        assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
+        assert all(torch.isfinite(v) for v in terms.values())  # detached 0-d tensors
         prior_weight = 1.0 if step < 2 else 0.0  # cut once two steps are done
         expected = terms["g_adv"] + 10 * terms["g_l1"] + prior_weight * terms["g_prior"]
         assert terms["g_total"] == pytest.approx(expected, rel=1e-5)
@@ -332,6 +374,19 @@ def test_spn_training_is_deterministic_and_resumable(tmp_path):
     resumed.load_training_state(torch.load(tmp_path / "state.pt", weights_only=True))
     assert int(resumed.steps_done) == 2
     assert resumed.train_step(step) == first.train_step(step)
+
+
+def test_the_schedule_follows_the_step_count_of_a_loaded_state(tmp_path):
+    """The schedule reads a host-side copy of ``steps_done`` (a read of the buffer per step would wait for the
+    device); loading a state re-reads the buffer."""
+    images, masks = batch()
+    first = tiny(spl_tiny, 0, lr_decay_step=1, prior_cut_step=1)
+    first.train_step({"image": images, "mask": masks})
+    torch.save(first.training_state(), tmp_path / "state.pt")
+    resumed = tiny(spl_tiny, 0, lr_decay_step=1, prior_cut_step=1)
+    assert resumed.schedule() == (1.0, resumed.config.prior_weight)  # no step done yet
+    resumed.load_training_state(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.schedule() == first.schedule() == (first.config.lr_decay_factor, 0.0)
 
 
 def test_the_paper_teacher_is_only_needed_for_training(tmp_path):

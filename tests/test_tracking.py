@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from bench.errors import UserError
-from bench.tracking import (PARENT_TAG, Tracker, bin_key, bin_label_of_key, default_uri, load_cells,
-                            parse_summary_metric_name, resolve_uri)
+from bench.tracking import (EXPERIMENT_KIND_TAG, PARENT_TAG, Tracker, bin_key, bin_label_of_key, default_uri,
+                            load_cells, parse_summary_metric_name, resolve_uri)
 from reports.build import build_report, build_report_from_mlflow
 from tiny_methods import empty_mlflow_store
 
@@ -125,6 +125,27 @@ def test_a_bad_mlflow_uri_stops_the_benchmark_before_any_work(tmp_path):
         run_benchmark(config_from_dict(tiny_config_dict(out, dataset, mlflow_uri="ftp://127.0.0.1/mlflow")))
     assert not out.exists()  # no image set, manifest or cell folder was made
     assert ray.is_initialized() == was_connected  # and no Ray cluster was started
+
+
+def test_the_experiment_opens_on_the_runs_table_whether_created_or_reused(tmp_path, store_template):
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    uri = default_uri(tmp_path)
+    client = MlflowClient(tracking_uri=uri)
+
+    def kind(name: str) -> str | None:
+        return client.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+
+    Tracker.open(uri, "created-here")
+    assert kind("created-here") == "custom_model_development"
+    client.create_experiment("made-before-the-tag")  # as an older harness (or another tool) left it
+    assert kind("made-before-the-tag") is None
+    Tracker.open(uri, "made-before-the-tag")
+    assert kind("made-before-the-tag") == "custom_model_development"
+    client.create_experiment("chosen-by-the-user", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    Tracker.open(uri, "chosen-by-the-user")
+    assert kind("chosen-by-the-user") == "finetuning"
 
 
 def test_bins_map_to_mlflow_names_and_back():

@@ -11,7 +11,10 @@ test interrupt it at a known step:
   the node while the cell is in flight;
 - ``fail_at_step`` raises (a bug in the method: not retried);
 - ``start_log`` gets one line per process that trains the cell: the step it started from (0, or the
-  checkpoint's step after a resume).
+  checkpoint's step after a resume);
+- ``inpaint_log`` gets one line per evaluation batch (``inpaint`` outside training): its number of pairs;
+- ``crash_in_inpaint_marker`` exits the worker process once, at its first evaluation batch (the marker file
+  records that it happened).
 Ray workers cannot import ``tests/``, so this module is pickled by value (see the bottom).
 """
 from __future__ import annotations
@@ -44,6 +47,8 @@ class TinyTrainerConfig:
     pause_on_resource: str | None = None  # ... but only on a Ray node that has this custom resource
     start_log: str | None = None  # append the step each training process starts from
     fail_at_step: int | None = None  # raise at this step: a bug in the method, not a lost worker
+    inpaint_log: str | None = None  # append the batch size of every evaluation batch
+    crash_in_inpaint_marker: str | None = None  # exit the worker once at an evaluation batch, creating this file
 
 
 class TinyTrainer(InpaintingMethod):
@@ -60,9 +65,22 @@ class TinyTrainer(InpaintingMethod):
         self._started = False  # has this process logged its starting step yet
 
     def inpaint(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if not self.training:  # an evaluation batch (train_step calls inpaint too)
+            self._evaluation_hooks(len(images))
         return torch.sigmoid(self.net(torch.cat([images * (1 - masks), masks], dim=1)))
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _evaluation_hooks(self, pairs: int) -> None:
+        config = self.config
+        if config.crash_in_inpaint_marker is not None:
+            marker = Path(config.crash_in_inpaint_marker)
+            if not marker.exists():
+                marker.write_text(f"crashed in an evaluation batch of {pairs} pairs\n")
+                os._exit(1)  # a lost worker, as in _maybe_crash
+        if config.inpaint_log is not None:
+            with open(config.inpaint_log, "a") as log:
+                log.write(f"{pairs}\n")
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         step = int(self.steps_taken)
         if self.config.start_log and not self._started:
             self._started = True
@@ -78,10 +96,10 @@ class TinyTrainer(InpaintingMethod):
         valid = F.l1_loss(prediction * (1 - masks), images * (1 - masks))
         total = hole + 0.5 * valid
         self.optimizers["net"].zero_grad()
-        total.backward()
-        self.optimizers["net"].step()
+        self.backward(total)
+        self.step("net")
         self.steps_taken += 1
-        return {"hole": hole.item(), "valid": valid.item(), "total": total.item()}
+        return {"hole": hole.detach(), "valid": valid.detach(), "total": total.detach()}
 
     def _maybe_crash(self, step: int) -> None:
         config = self.config
