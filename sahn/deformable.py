@@ -20,25 +20,28 @@ from bench.layers import DeformableConv2d, gather_deform_conv2d
 
 #: inference kernels: ``auto`` = ``torchvision`` on CUDA, ``bag`` elsewhere
 INFERENCE_KERNELS = ("auto", "bag", "torchvision", "gather")
-#: bytes of sampled input per block in :func:`bag_deform_conv2d`: big enough for efficient convolutions,
-#: small enough to stay in cache and below glibc's mmap threshold (so blocks reuse memory, no page faults)
-BLOCK_BYTES = 4 << 20
+#: bytes of samples per block and thread in :func:`bag_deform_conv2d`: big enough for efficient convolutions,
+#: small enough to stay in cache and below glibc's mmap threshold (so blocks reuse memory, no page faults).
+#: Per thread, because every block is a few parallel regions whose threads wait for each other.
+BLOCK_BYTES_PER_THREAD = 4 << 20
 
 
 def bag_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      *, padding: int, dilation: int = 1, block_bytes: int = BLOCK_BYTES) -> torch.Tensor:
+                      *, padding: int, dilation: int = 1, block_bytes: int | None = None) -> torch.Tensor:
     """Stride-1 deformable convolution, forward only, with torchvision's offset layout and sampling rule
     (``offset[:, 2k]`` = Δy, ``offset[:, 2k+1]`` = Δx of tap k, row-major; bilinear, zero outside).
 
     The input is laid out as a table of pixels (channels last), so bilinearly sampling one tap is a
     weighted sum of four table rows, and one ``F.embedding_bag`` call samples every tap of a block of
-    output rows. The samples are ordered so that they form an image k_h·k_w times the block's size in which
-    output pixel (y, x) finds its tap (i, j) at (k_h·y + i, k_w·x + j): the regular convolution with the
-    same weight and stride (k_h, k_w) then finishes the block, with the fast convolution kernels of the
-    regular layers (a plain matrix product reaches about 75% of their speed here). Blocks hold
-    ``block_bytes`` of samples, so beyond its input and output a layer needs the corner indices and
-    weights (48 bytes per output pixel and tap; a few times that while they are computed) and one block,
-    instead of the gather version's B·C·9·H·W intermediates; the arithmetic is the regular convolution's.
+    output rows. The samples are ordered to form an image k_h times taller and k_w times wider than the
+    block, in which output pixel (y, x) finds its tap (i, j) at (k_h·y + i, k_w·x + j): the regular
+    convolution with the same weight and stride (k_h, k_w) then finishes the block, with the fast kernels
+    of the plain layers (a matrix product over the same samples was 10–15% slower).
+
+    A block holds ``block_bytes`` of samples (default :data:`BLOCK_BYTES_PER_THREAD` per torch thread, at
+    least one output row). Beyond its input and output a call needs one block and the corner indices and
+    weights (48 bytes per output pixel and tap, a few times that while they are computed), instead of the
+    gather version's B·C·9·H·W intermediates; the arithmetic is the regular convolution's.
     """
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = weight.shape
@@ -51,6 +54,8 @@ def bag_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     index, corner_weights = bilinear_corners(offset, (kernel_h, kernel_w), (height, width), padding, dilation)
     tiled_weight = weight.contiguous(memory_format=torch.channels_last)
     samples_per_row = kernel_h * kernel_w * out_w  # bags per output row
+    if block_bytes is None:
+        block_bytes = BLOCK_BYTES_PER_THREAD * torch.get_num_threads()
     rows_per_block = max(1, block_bytes // (samples_per_row * channels * x.element_size()))
     result = x.new_empty(batch, out_channels, out_h * out_w)
     for image in range(batch):
