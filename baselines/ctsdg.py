@@ -460,8 +460,8 @@ class CTSDGGenerator(nn.Module):
     def train(self, mode: bool = True) -> "CTSDGGenerator":
         super().train(mode)
         if self.freeze_batch_norm:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
+            for module in self.modules():  # every kind: data-parallel training synchronises them
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
 

@@ -32,6 +32,10 @@ the later timestep.
 The method (:class:`DDNM`) exposes its network as ``method.eps(x_t, t)``: the "simple" DDPM U-Net of
 the official CelebA-HQ model, or guided-diffusion's U-Net of the ImageNet model (``ddnm_unet.py``).
 ``train_step`` trains that network as an unconditional DDPM prior (the masks of the batch are not used).
+Each pair's noise is seeded from the pair itself, and on the CPU the network sees one sample at a time as the
+metric networks do (:func:`bench.devices.network_chunk`; matrix products of under four rows and batch-1 convolutions
+take other kernels, so batching would move a pair's result by round-off), which makes a pair's result bit-identical
+in any batch layout or shard. On GPUs the whole batch goes through at once, for throughput.
 Variants: ``ddnm`` (CelebA-HQ, paper scale), ``ddnm_imagenet`` (ImageNet 256², paper scale) and
 ``ddnm_tiny`` (trained here on CPU; a sanity row, not the paper's model).
 """
@@ -53,6 +57,7 @@ from tqdm.auto import tqdm
 from bench.errors import CheckpointError, NotTrainable, UserError, WeightsUnavailable
 from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
                            variant)
+from bench.devices import network_chunk
 from bench.state_dicts import consecutive_count, read_plain_checkpoint, tensor_shape
 from bench.weights import resolve_weights
 
@@ -462,8 +467,8 @@ def build_unet(config: DDNMConfig) -> nn.Module:
 # ===================================================================== the method
 class DDNM(InpaintingMethod):
     """DDNM over a DDPM U-Net ("simple" or "guided"). ``inpaint`` runs :func:`ddnm_sample` with per-image
-    noise seeded from (``seed``, the observed pixels), so an image–mask pair gets the same result in any
-    batch and in every run (up to the roundoff of batched convolutions)."""
+    noise seeded from (``seed``, the observed pixels) and, on the CPU, the network run one sample at a time
+    (:meth:`eps`), so an image–mask pair gets the same result in any batch and in every run."""
 
     paper_name = "DDNM"
 
@@ -582,8 +587,13 @@ class DDNM(InpaintingMethod):
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε̂(x_t, t) of the sampling network (the EMA weights when EMA is on); ``t``: ``[B]`` timesteps.
-        A network with a learned variance returns ε in its first channels."""
-        return self.sampling_network()(x_t, t)[:, :x_t.shape[1]]
+        A network with a learned variance returns ε in its first channels. Where the harness's metric networks
+        take one image per call (the CPU), so does this, which makes a sample's ε independent of its batch."""
+        network, channels = self.sampling_network(), x_t.shape[1]
+        if network_chunk(x_t.device) > 1:
+            return network(x_t, t)[:, :channels]
+        return torch.cat([network(sample, timestep)[:, :channels]
+                          for sample, timestep in zip(x_t.split(1), t.split(1))])
 
     # ----------------------------------------------------------------- inference
     def _check_size(self, images: torch.Tensor) -> None:

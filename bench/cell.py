@@ -30,9 +30,11 @@ import torch
 from bench.checkpoints import PublishedWeights, verify_unchanged
 from bench import devices
 from bench.config import BenchmarkConfig, TrainConfig
+from bench.data_parallel import SINGLE, Ranks
 from bench.datasets import load_image_set
 from bench.evaluate import (PairResults, cached_ground_truth_features, evaluate_pairs, ground_truth_features,
                             write_csv_atomic, write_results)
+from bench.ray_train import remove_run_folder, training_workers, worker_resources
 from bench.manifest import PROTOCOL_VERSION, Manifest, load_manifest
 from bench.errors import UserError
 from bench.methods import InpaintingMethod, apply_overrides, create_method, get_factory
@@ -43,6 +45,7 @@ from bench.shards import (SHARD_DONE, SHARDS_FOLDER, Shard, automatic_shard_pair
 EMBEDDED_SUITES = ("faces", "scenes", "facades")
 DONE_FILE = "cell.json"
 TRAINED_FILE = "trained.json"
+STARTED_FILE = "started.json"
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,14 @@ def cell_fingerprint(config: BenchmarkConfig, cell: CellSpec) -> str:
         relevant["deterministic"] = True
     if cell.weights is not None:  # the bytes, not the path: a replaced file never reuses old results
         relevant["weights_sha256"] = cell.weights.sha256
+    if training_workers(config.resources) > 1:  # only when set: N workers draw other noise than one process
+        relevant["train_workers"] = training_workers(config.resources)
     if config.resources.precision != "fp32":  # only when set, like compile_metrics
         relevant["precision"] = config.resources.precision
+    memory_format = devices.resolve_memory_format(config.resources.memory_format, devices.requested_device_type(
+        config.resources.device, config.resources.gpus_per_cell), config.resources.precision)
+    if memory_format != "contiguous":  # only when not the layout every earlier run had, like precision
+        relevant["memory_format"] = memory_format
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -130,7 +139,10 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def cell_device(config: BenchmarkConfig) -> torch.device:
-    return resolve_device(config.resources.device, gpus_per_cell=config.resources.gpus_per_cell)
+    """The device of a task running this cell in one process (with several training workers: an evaluation
+    task, which has one worker's share of the request)."""
+    resources = worker_resources(config.resources)
+    return resolve_device(resources.device, gpus_per_cell=resources.gpus_per_cell)
 
 
 def cell_scorer(config: BenchmarkConfig, device: torch.device) -> Scorer:
@@ -138,10 +150,16 @@ def cell_scorer(config: BenchmarkConfig, device: torch.device) -> Scorer:
 
 
 def check_fingerprint(config: BenchmarkConfig, cell: CellSpec) -> dict[str, Any] | None:
-    """The cell's record when it is finished (made with the same options), else None."""
+    """The cell's record when it is finished (made with the same options), else None. A cell folder holding
+    finished or unfinished work (a training checkpoint, shards) made with other options is refused: resuming
+    it would mix the two."""
+    fingerprint = cell_fingerprint(config, cell)
     done = read_done(cell.cell_dir)
-    if done is not None and done.get("fingerprint", cell_fingerprint(config, cell)) != cell_fingerprint(config, cell):
-        raise UserError(f"{cell.cell_dir} holds results made with other options; use a new --out or delete that folder")
+    recorded = done if done is not None else read_json(Path(cell.cell_dir) / STARTED_FILE)
+    if recorded is not None and recorded.get("fingerprint", fingerprint) != fingerprint:
+        state = "results" if done is not None else "unfinished work"
+        raise UserError(f"{cell.cell_dir} holds {state} made with other options; use a new --out or delete that "
+                        "folder")
     return done
 
 
@@ -189,38 +207,66 @@ def cell_method(config: BenchmarkConfig, cell: CellSpec, device: torch.device, t
     elif cell.weights is not None:
         method.load(cell.weights.path)
         verify_unchanged(cell.weights, method.loaded_checkpoint.files)
-    return method.to(device)
+    method.to(device)
+    method.set_memory_format(devices.resolve_memory_format(config.resources.memory_format, device,
+                                                           config.resources.precision))
+    return method
+
+
+def train_and_save(config: BenchmarkConfig, cell: CellSpec, device: torch.device, *, ranks: Ranks = SINGLE,
+                   progress: bool = True, on_step: Callable[[int, dict[str, Any]], None] | None = None
+                   ) -> InpaintingMethod:
+    """Create the cell's method on ``device`` (its published weights loaded when it fine-tunes them) and, if it
+    trains, train it from (or resuming at) ``train_state.pt``; rank 0 then writes ``losses.csv`` and ``model.pt``.
+    Several ``ranks`` (Ray Train workers, :mod:`bench.ray_train`) each run this with their own rank."""
+    method = cell_method(config, cell, device, trained=False)
+    if not method.trainable:
+        return method
+    from bench.train import train  # imported here: classical-only runs never touch the training stack
+
+    cell_dir = Path(cell.cell_dir)
+    dataset = parse_dataset(cell.dataset)
+    train_set = load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.data.image_size,
+                               limit=config.data.train_limit, cache_dir=config.data.cache_dir)
+    result = train(method, train_set, cell_train_config(config, cell), checkpoint_path=cell_dir / "train_state.pt",
+                   on_step=on_step, progress=progress, description=f"train {cell.key}",
+                   data_workers=config.resources.data_workers, precision=config.resources.precision,
+                   ranks=ranks, sync_batch_norm=config.resources.sync_batch_norm)
+    if ranks.leader:
+        write_csv_atomic(pd.DataFrame(result.history), cell_dir / "losses.csv")
+        method.save(cell_dir / "model.pt")
+    return method
 
 
 def train_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
-               on_step: Callable[[int, dict[str, float]], None] | None = None
-               ) -> tuple[InpaintingMethod | None, dict[str, Any]]:
+               on_step: Callable[[int, dict[str, Any]], None] | None = None,
+               factories: dict[str, Callable] | None = None) -> tuple[InpaintingMethod | None, dict[str, Any]]:
     """Train the cell's method if it trains, once: ``trained.json`` says it is done. Returns the method when it
-    was made here (trained, or as created/loaded: ready to evaluate) and the training record."""
+    was made here (trained, or as created/loaded: ready to evaluate) and the training record. A cell with
+    several training workers trains under Ray Train (:mod:`bench.ray_train`; ``factories``: the constructors
+    its workers register) and returns no method: its evaluation loads ``model.pt`` in tasks of its own."""
     cell_dir = Path(cell.cell_dir)
     training = read_json(cell_dir / TRAINED_FILE)
     if training is not None:
         return None, training
     cell_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"fingerprint": cell_fingerprint(config, cell)}, cell_dir / STARTED_FILE)
     train_config = cell_train_config(config, cell)
     trains = (train_config.steps > 0 and (cell.weights is None or train_config.finetune)
               and getattr(get_factory(cell.method), "trainable", True))
-    method = cell_method(config, cell, cell_device(config), trained=False) if trains else None
-    seconds = 0.0
-    if method is not None and method.trainable:
-        from bench.train import train  # imported here: classical-only runs never touch the training stack
+    workers = training_workers(config.resources)
+    method, trained, started = None, False, time.perf_counter()
+    if trains and workers > 1:
+        from bench.ray_train import train_on_workers
 
-        dataset = parse_dataset(cell.dataset)
-        train_set = load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.data.image_size,
-                                   limit=config.data.train_limit, cache_dir=config.data.cache_dir)
-        started = time.perf_counter()
-        result = train(method, train_set, train_config, checkpoint_path=cell_dir / "train_state.pt",
-                       on_step=on_step, progress=progress, description=f"train {cell.key}",
-                       data_workers=config.resources.data_workers, precision=config.resources.precision)
-        seconds = time.perf_counter() - started
-        write_csv_atomic(pd.DataFrame(result.history), cell_dir / "losses.csv")
-        method.save(cell_dir / "model.pt")
-    training = {"trained": method is not None and method.trainable, "train_seconds": round(seconds, 3)}
+        train_on_workers(config, cell, factories or {cell.method: get_factory(cell.method)}, on_step)
+        trained = (cell_dir / "model.pt").exists()  # written by rank 0 unless the method had nothing to train
+    elif trains:
+        method = train_and_save(config, cell, cell_device(config), progress=progress, on_step=on_step)
+        trained = method.trainable
+    training = {"trained": trained, "train_seconds": round(time.perf_counter() - started if trains else 0.0, 3)}
+    if trained and workers > 1:
+        training["train_workers"] = workers
     write_json_atomic(training, cell_dir / TRAINED_FILE)
     return method, training
 
@@ -241,11 +287,12 @@ def _evaluate_piece(config: BenchmarkConfig, cell: CellSpec, method: InpaintingM
         "method": {"paper_name": method.paper_name, "num_parameters": method.num_parameters(),
                    "substitutions": dict(method.substitutions),
                    "pretrained": dict(getattr(method, "pretrained", {}) or {}), "method_config": method.config_dict()},
-        "device": devices.device_record(device, gpus_per_cell=config.resources.gpus_per_cell,
+        "device": devices.device_record(device, gpus_per_cell=worker_resources(config.resources).gpus_per_cell,
                                         deterministic=config.resources.deterministic),
         "metric_networks": scorer.provenance(), "pixel_metrics": scorer.pixel_metrics_backend(device),
         "feature_key": scorer.feature_key(device), "batch_size": config.eval_batch_size,
         "precision": config.resources.precision, "data_workers": config.resources.data_workers,
+        "memory_format": method.memory_format,
     }
     return results, record
 
@@ -287,6 +334,8 @@ def cell_record(config: BenchmarkConfig, cell: CellSpec, manifest: Manifest, tra
         "weights": cell.weights.record(train_config.steps if trained else None) if cell.weights else None,
         "train_seconds": training["train_seconds"], "eval_seconds": round(eval_seconds, 3),
         "pairs": len(manifest.pairs), "precision": config.resources.precision,
+        "memory_format": first.get("memory_format", "contiguous"),  # shards finished before the field: contiguous
+        "train_workers": training.get("train_workers", 1) if trained else None,
         "data_workers": config.resources.data_workers,
     }
     if len(pieces) > 1:  # one line per shard: where it ran and how long it took
@@ -326,7 +375,9 @@ def _tidy(cell_dir: Path) -> None:
     """After cell.json: the final weights are in model.pt, the results in the cell's own files."""
     (cell_dir / "train_state.pt").unlink(missing_ok=True)
     (cell_dir / TRAINED_FILE).unlink(missing_ok=True)
+    (cell_dir / STARTED_FILE).unlink(missing_ok=True)
     remove_shards(cell_dir)
+    remove_run_folder(cell_dir)
 
 
 def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,

@@ -67,9 +67,19 @@ class ResourceConfig:
     # Arithmetic of the methods' networks: fp32 (reproduction), or bf16 / fp16 under torch.autocast (fp16 training
     # adds a grad scaler). Metric networks always run in full fp32. Recorded per cell.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Memory layout of the methods' networks and inputs. auto = channels_last on CUDA at bf16/fp16, where tensor
+    # cores want NHWC and it helps; contiguous otherwise, so fp32 reproduction and every CPU run keep their numbers
+    # exactly. Recorded per cell.
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     # Processes per cell that read and decode images and masks (0 = in the cell's own process); results are the
     # same with any number. Each one is a process beside the cell's, so count them in --cpus-per-cell.
     data_workers: int = 0
+    # Processes that train one cell together, data-parallel under Ray Train (NCCL on GPUs, gloo on CPUs); 0 = one
+    # per GPU of --gpus-per-cell (one without GPUs). The cell's request is split evenly among them, and its
+    # evaluation runs in tasks of one worker's share each. Needs Ray (not --serial).
+    train_workers: int = 0
+    # With several training workers: batch-norm statistics of the global batch (false: of each worker's share)
+    sync_batch_norm: bool = True
 
 
 @dataclass

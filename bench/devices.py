@@ -35,6 +35,8 @@ CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"
 #: how metric networks run (:func:`full_fp32`); part of the key of cached ground-truth features
 METRIC_PRECISION = "float32 (no TF32)"
+#: values of ``--memory-format`` (:func:`resolve_memory_format` turns ``auto`` into one of the other two)
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 # ----------------------------------------------------------------------------- the request
@@ -71,6 +73,18 @@ def request_problem(device: str, gpus_per_cell: float) -> str | None:
         return (f"--device {device} names GPU {index} of a cell's own GPUs, but each cell holds {held} "
                 f"(--gpus-per-cell {gpus_per_cell:g}): use {valid}, or raise --gpus-per-cell")
     return None
+
+
+#: images per network call off the CPU, for networks that take images one at a time on the CPU
+GPU_NETWORK_CHUNK = 64
+
+
+def network_chunk(device: torch.device) -> int:
+    """Images per call of a network whose per-image results must not depend on the batch (the metric networks,
+    DDNM's sampler): one on the CPU, where kernels pick their blocking (and matrix products their kernels) by
+    batch size, so a batched result would change by round-off with the other images of the batch; a whole
+    chunk elsewhere, where batching is what the hardware is for and bitwise promises are not made."""
+    return 1 if device.type == "cpu" else GPU_NETWORK_CHUNK
 
 
 # ----------------------------------------------------------------------------- resolution
@@ -164,6 +178,28 @@ def gpu_ids(device: torch.device) -> list[str]:
 def memory_share(device: torch.device, gpus_per_cell: float) -> float | None:
     """The fraction of the GPU's memory a cell on a shared GPU may use (``None``: the whole device)."""
     return gpus_per_cell if device.type == "cuda" and 0 < gpus_per_cell < 1 else None
+
+
+def requested_device_type(device: str, gpus_per_cell: float) -> str:
+    """The type of device (``cpu``, ``cuda``) a cell with this request runs on, known before it runs: a cell that
+    asks for a GPU gets one or fails (:func:`choose_device`), so the driver can key results by it."""
+    kind, _ = parse_device(device)
+    if kind == "auto":
+        return "cuda" if gpus_per_cell > 0 else "cpu"
+    return kind
+
+
+def resolve_memory_format(name: str, device: torch.device | str, precision: str) -> str:
+    """``contiguous`` or ``channels_last``: the memory layout of a cell's networks and inputs for
+    ``--memory-format name``. ``auto`` is channels_last only on CUDA at bf16 or fp16, whose tensor-core
+    convolutions work on NHWC (a contiguous network pays a transpose around each one); at fp32 and on the CPU it
+    is contiguous, so reproduction runs keep their numbers exactly. Touches no CUDA API."""
+    if name not in MEMORY_FORMATS:
+        raise UserError(f"--memory-format {name!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+    if name != "auto":
+        return name
+    reduced = precision in ("bf16", "fp16")
+    return "channels_last" if torch.device(device).type == "cuda" and reduced else "contiguous"
 
 
 def device_record(device: torch.device, *, gpus_per_cell: float, deterministic: bool) -> dict[str, Any]:

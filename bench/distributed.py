@@ -24,6 +24,7 @@ the frozen manifests and write their results there, and the driver reads them ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -35,11 +36,12 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from bench.cell import (TRAINED_FILE, CellSpec, cell_train_config, evaluate_shard, finish_cell, plan_cell_shards,
-                        read_done, run_cell, train_cell)
+                        check_fingerprint, run_cell, train_cell)
 from bench.config import BenchmarkConfig, ResourceConfig
-from bench.devices import deterministic_algorithms, gpu_memory_cap, request_problem, resolve_device
+from bench.devices import deterministic_algorithms, gpu_memory_cap, parse_device, request_problem, resolve_device
 from bench.errors import UserError
 from bench.methods import get_factory, register_method
+from bench.ray_train import training_workers, worker_resources, workers_problem
 from bench.shards import Shard, cluster_slots, read_shard_done
 from bench.step_board import StepBoard
 
@@ -130,14 +132,19 @@ def infeasibility(request: dict[str, float], nodes: Sequence[dict[str, float]]) 
 
 
 def check_feasible(resources: ResourceConfig, nodes: Sequence[dict[str, float]]) -> None:
+    """Refuse a request no node can run (with several training workers: one worker's share, and all of them)."""
     if resources.cpus_per_cell < 0 or resources.gpus_per_cell < 0:
         raise UserError("--cpus-per-cell and --gpus-per-cell must be ≥ 0")
     problem = request_problem(resources.device, resources.gpus_per_cell)  # a cell would fail on its first tensor
     if problem:
         raise UserError(problem)
-    problem = infeasibility(cell_request(resources), nodes)
+    share = worker_resources(resources)
+    if share is not resources and parse_device(resources.device)[1]:
+        raise UserError(f"--device {resources.device}: a cell with {training_workers(resources)} training workers "
+                        "runs each of them, and each evaluation task, on one GPU of its own: use --device cuda or auto")
+    problem = infeasibility(cell_request(share), nodes) or workers_problem(resources, nodes)
     if problem:
-        raise UserError(f"{problem}: lower --gpus-per-cell / --cpus-per-cell, or use a "
+        raise UserError(f"{problem}: lower --gpus-per-cell / --cpus-per-cell / --train-workers, or use a "
                         "cluster with such a node (--ray-address)")
 
 
@@ -169,6 +176,7 @@ def cell_settings(resources: ResourceConfig) -> Iterator[None]:
     """What a cell's run depends on besides its config, the same in a Ray task and with --serial: torch
     threads, ``--deterministic``, and on a shared GPU the cell's memory share. Resolving the device here,
     first, also hides the GPUs from a Ray task that asked for none before anything can initialise CUDA."""
+    resources = worker_resources(resources)  # with several training workers, the share each evaluation task has
     device = resolve_device(resources.device, gpus_per_cell=resources.gpus_per_cell)
     with torch_threads(cell_threads(resources)), deterministic_algorithms(resources.deterministic), \
             gpu_memory_cap(device, resources.gpus_per_cell):
@@ -203,11 +211,14 @@ def _cell_task(config: BenchmarkConfig, cell: CellSpec, factories: dict[str, Cal
 
 
 def _train_task(config: BenchmarkConfig, cell: CellSpec, factories: dict[str, Callable], board: Any) -> dict:
-    """A sharded cell's training (or the note that it has none), before any of its shards."""
+    """A sharded cell's training (or the note that it has none), before any of its shards. With several
+    training workers this task only starts them (:mod:`bench.ray_train`) and holds no resources itself."""
     _register(factories)
     total = cell_train_config(config, cell).steps
-    with cell_settings(config.resources):
-        _, training = train_cell(config, cell, progress=False, on_step=_step_reporter(board, cell.key, total))
+    alone = training_workers(config.resources) == 1
+    with cell_settings(config.resources) if alone else contextlib.nullcontext():
+        _, training = train_cell(config, cell, progress=False, on_step=_step_reporter(board, cell.key, total),
+                                 factories=factories)
     return training
 
 
@@ -278,12 +289,18 @@ def submit_cell_tasks(config: BenchmarkConfig, cells: Sequence[CellSpec], board:
                       layouts: dict[CellSpec, list[Shard]] | None = None) -> list[Submitted]:
     factories = {name: get_factory(name) for name in sorted({cell.method for cell in cells})}
     layouts = layouts or {}
-    whole, train, shard_task, finish = (remote_cell_function(function, config.resources, max_retries)
-                                        for function in (_cell_task, _train_task, _shard_task, _finish_task))
+    workers = training_workers(config.resources)
+    # With several training workers the training task starts them and holds nothing; every other task of the
+    # cell asks for one worker's share, so its shards evaluate on as many GPUs as it trained on.
+    evaluation = worker_resources(config.resources)
+    whole, shard_task, finish = (remote_cell_function(function, evaluation, max_retries)
+                                 for function in (_cell_task, _shard_task, _finish_task))
+    train = remote_cell_function(_train_task, dataclasses.replace(config.resources, cpus_per_cell=0, gpus_per_cell=0)
+                                 if workers > 1 else config.resources, max_retries)
     submitted = []
     for cell in cells:
         shards = layouts.get(cell, [])
-        if len(shards) <= 1:
+        if len(shards) <= 1 and workers == 1:
             ref = whole.remote(config, cell, factories, board, shards or None)
             submitted.append(Submitted(cell, ref, [ref], sum(shard.pairs for shard in shards)))
             continue
@@ -360,13 +377,14 @@ def run_cells(config: BenchmarkConfig, cells: Sequence[CellSpec], *, on_done: On
 
     todo = []
     for cell in cells:
-        record = read_done(cell.cell_dir)
+        record = check_fingerprint(config, cell)  # refuses a folder made with other options before any task runs
         if record is not None:
             finish(CellOutcome(cell, record, skipped=True))
         else:
             todo.append(cell)
     if todo:
-        slots = cluster_slots(alive_nodes(), config.resources.cpus_per_cell, config.resources.gpus_per_cell)
+        share = worker_resources(config.resources)  # what each evaluation task asks for
+        slots = cluster_slots(alive_nodes(), share.cpus_per_cell, share.gpus_per_cell)
         layouts = plan_cell_shards(config, todo, slots)
         board = step_board()
         submitted = submit_cell_tasks(config, todo, board, max_retries=max_retries, layouts=layouts)

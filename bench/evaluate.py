@@ -43,7 +43,7 @@ from bench.aggregate import load_features, save_features, summarize
 from bench.errors import UserError
 from bench.images import quantize, read_image, to_tensor, write_png
 from bench.manifest import Manifest, Pair
-from bench.methods import AUTOCAST_DTYPES, PRECISIONS, InpaintingMethod
+from bench.methods import AUTOCAST_DTYPES, PRECISIONS, InpaintingMethod, in_memory_format
 from bench.scoring import Scorer, select
 
 GT_FEATURES_FILE = "gt_features.npz"
@@ -236,11 +236,15 @@ def evaluate_pairs(method: InpaintingMethod, manifest: Manifest, scorer: Scorer,
             masks = batch["mask"].to(device, non_blocking=True).float()
             extra = {name: value.to(device, non_blocking=True) for name, value in batch["extra"].items()}
             images = unit_float(truth)
+            layout = method.memory_format  # the inputs in the networks' layout: no conversion inside each network
             with inference_autocast(device, precision):
-                prediction = method.inpaint(images, masks, **extra)
+                prediction = method.inpaint(in_memory_format(images, layout), in_memory_format(masks, layout),
+                                            **{name: in_memory_format(value, layout) for name, value in extra.items()})
             if prediction.shape != images.shape:
                 raise RuntimeError(f"{method.name}: inpaint returned {tuple(prediction.shape)} for {tuple(images.shape)}")
             composite = quantize(prediction.float() * masks + images * (1 - masks))
+            if layout != "contiguous":  # the metrics take the composite in the layout they always had
+                composite = composite.contiguous()
 
             firsts, index = shared_images(batch_pairs)
             reference = {name: select(embedding, index) for name, embedding in scorer.reference(truth[firsts]).items()}

@@ -36,6 +36,8 @@ Scale = Literal["tiny", "paper", "any", "ablation"]  # "ablation": only when ask
 #: the reduced precisions forward passes can run at under ``torch.autocast`` (fp32 runs without it)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("fp32", *AUTOCAST_DTYPES)
+#: the memory layouts a method's networks and inputs can take (:meth:`InpaintingMethod.set_memory_format`)
+TORCH_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 #: what :meth:`InpaintingMethod.host_preprocessing` returns: CPU (images, masks) → named extra input tensors
 HostPreprocessing = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -57,6 +59,8 @@ class InpaintingMethod(nn.Module):
     precision: str = "fp32"
     #: the fp16 loss scaler :meth:`backward` and :meth:`step` go through (None at fp32 and bf16)
     grad_scaler: torch.amp.GradScaler | None = None
+    #: the layout of the networks' weights, and of the inputs the evaluation loop gives :meth:`inpaint`
+    memory_format: str = "contiguous"
 
     def __init__(self, config: Any = None):
         super().__init__()
@@ -154,6 +158,17 @@ class InpaintingMethod(nn.Module):
         per step, after every optimiser of the step has stepped."""
         if self.grad_scaler is not None:
             self.grad_scaler.update()
+
+    # ----------------------------------------------------------------- memory layout
+    def set_memory_format(self, memory_format: str) -> None:
+        """Lay out the 4-D weights of every network of :meth:`networks` as ``memory_format`` (``contiguous`` or
+        ``channels_last``), in place: optimisers keep their parameters. Call it after moving the method to its
+        device. Values stay; convolutions pick kernels by layout, so outputs may differ by float round-off."""
+        if memory_format not in TORCH_MEMORY_FORMATS:
+            raise UserError(f"memory format {memory_format!r}; choose one of {', '.join(TORCH_MEMORY_FORMATS)}")
+        for network in self.networks().values():
+            network.to(memory_format=TORCH_MEMORY_FORMATS[memory_format])
+        self.memory_format = memory_format
 
     # ----------------------------------------------------------------- checkpoints
     def config_dict(self) -> dict[str, Any]:
@@ -253,6 +268,11 @@ class InpaintingMethod(nn.Module):
         for key, opt_state in state["optimizers"].items():
             # A copy: Adam keeps same-device tensors as given, which would tie two methods' moments.
             self.optimizers[key].load_state_dict(copy.deepcopy(opt_state))
+
+
+def in_memory_format(tensor: torch.Tensor, memory_format: str) -> torch.Tensor:
+    """A batch of images (4-D) laid out as ``memory_format``; other tensors as they are. No copy when it already is."""
+    return tensor.contiguous(memory_format=TORCH_MEMORY_FORMATS[memory_format]) if tensor.dim() == 4 else tensor
 
 
 # --------------------------------------------------------------------- checkpoint helpers

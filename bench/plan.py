@@ -37,6 +37,7 @@ from bench.errors import UserError
 from bench.evaluate import evaluate_pairs, inference_autocast, pair_batches, unit_float
 from bench.manifest import load_manifest
 from bench.methods import InpaintingMethod, get_factory
+from bench.ray_train import worker_resources
 
 EFFICIENCY_CSV = "efficiency.csv"  # what pipelines.efficiency writes
 TIMED_PAIRS = 4  # pairs per timed call when a method is timed here
@@ -168,7 +169,8 @@ def estimate(config: BenchmarkConfig, cells: list[CellSpec], slots: int, device:
 
 
 def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: str, sources: list[str]) -> str:
-    gpus, cpus = config.resources.gpus_per_cell, config.resources.cpus_per_cell
+    share = worker_resources(config.resources)  # an evaluation task's request
+    gpus, cpus = share.gpus_per_cell, share.cpus_per_cell
     unit, per_cell = ("GPU-h", gpus) if gpus > 0 else ("CPU-h", cpus)
     header = ["cell", "pairs", "shards", "train steps", "inpaint ms/pair", "harness ms/pair", f"eval {unit}"]
     rows = [[cost.cell.key, f"{cost.pairs:,}", str(len(cost.shards)), f"{cost.train_steps:,}",
@@ -183,7 +185,7 @@ def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: st
     shard_seconds = [(cost.inpaint_seconds + cost.harness_seconds) * pairs for cost in costs for pairs in cost.shards]
     wall = wall_seconds(shard_seconds, slots)
     training = [cost for cost in costs if cost.train_steps]
-    lines = [f"plan: {len(costs)} cells on {where}: {slots} slot(s) of {cpus:g} CPU + {gpus:g} GPU per cell",
+    lines = [f"plan: {len(costs)} cells on {where}: {slots} slot(s) of {cpus:g} CPU + {gpus:g} GPU per evaluation task",
              line(header), line(["-" * w for w in widths]), *map(line, rows), "",
              f"evaluation wall time on {slots} slot(s): {wall / 3600:.3g} h ({wall:.0f} s); "
              f"evaluation {unit}: {total_seconds * per_cell / 3600:.3g}",

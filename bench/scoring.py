@@ -11,7 +11,7 @@ batch size, so an image's features would otherwise change (by float32 round-off)
 share its batch. One at a time, each pair's scores and features are a function of its two images alone —
 the same in any batch layout, shard or method — which is also what lets a ground truth shared by several
 pairs be embedded once (:meth:`Scorer.reference`) with identical results. On GPUs images go through in
-chunks of :data:`GPU_NETWORK_CHUNK`, as they are not bit-reproducible across layouts anyway.
+chunks of :data:`bench.devices.GPU_NETWORK_CHUNK`, as they are not bit-reproducible across layouts anyway.
 """
 from __future__ import annotations
 
@@ -21,24 +21,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.devices import METRIC_PRECISION, full_fp32
+from bench.devices import METRIC_PRECISION, full_fp32, network_chunk
 from bench.errors import WeightsUnavailable
 from bench.features import (FeatureExtractor, InceptionFID, Lite0Pooled, inception_fid_extractor, lite0_distance,
                             lite0_extractor, lpips_metric)
 from bench.metrics import PIXEL_METRICS, pixel_metrics, pixel_metrics_backend
 
-#: images per metric-network call off the CPU (on the CPU: one, see the module docstring)
-GPU_NETWORK_CHUNK = 64
 #: how ground-truth features are stored in the cache beside a manifest: one row per test image (part of its key)
 GT_FEATURE_ROWS = "one per image, each image alone through the network"
 
 #: a distance's embedding of a batch: per layer or stage, a tensor whose first dimension is the batch
 Embedding = list[torch.Tensor]
-
-
-def network_chunk(device: torch.device) -> int:
-    """Images per metric-network call on ``device`` (see the module docstring)."""
-    return 1 if device.type == "cpu" else GPU_NETWORK_CHUNK
 
 
 def _chunked(function: Callable[[torch.Tensor], torch.Tensor | Embedding], images: torch.Tensor

@@ -14,7 +14,9 @@ only cells not logged before, so a re-run never duplicates a run; a cell that wa
 scratch (new ``cell.json``) gets a new run, and readers take the newest run per cell key.
 
 Metric names: ``<metric>/<bin>`` (``psnr/0.2-0.4``, ``FID/all``), ``n/<metric>/<bin>`` (pairs
-behind the value), ``loss/<term>`` (one value per logged training step), ``time/...``, ``params/...``.
+behind the value), ``loss/<term>`` (one value per logged training step), ``time/...``, ``params/...``;
+a sharded cell adds ``eval_shards`` (the count) and ``time/eval_shard_seconds`` (one value per shard, the
+shard index as step).
 """
 from __future__ import annotations
 
@@ -450,7 +452,7 @@ def _param_value(value: Any) -> str:
 
 
 def cell_metrics(cell_dir: Path, record: dict[str, Any], timestamp: int) -> list[Any]:
-    """Summary values and counts per bin, per-step losses, timings and parameter counts."""
+    """Summary values and counts per bin, per-step losses, timings (per shard too) and parameter counts."""
     from mlflow.entities import Metric
 
     metrics = []
@@ -468,6 +470,13 @@ def cell_metrics(cell_dir: Path, record: dict[str, Any], timestamp: int) -> list
                         for step, value in zip(losses["step"], losses[term]) if not pd.isna(value)]
     for key in ("train_seconds", "eval_seconds"):
         metrics.append(Metric(f"time/{key}", float(record.get(key, 0.0)), timestamp, 0))
+    # Shards are not runs: a sharded cell stays one run, and the shard index as the step makes MLflow draw
+    # the shards' timings as one series (a straggler stands out).
+    shards = record.get("eval_shards") or []
+    metrics += [Metric("time/eval_shard_seconds", float(shard["seconds"]), timestamp, index)
+                for index, shard in enumerate(shards)]
+    if shards:
+        metrics.append(Metric("eval_shards", float(len(shards)), timestamp, 0))
     metrics.append(Metric("pairs", float(record.get("pairs", 0)), timestamp, 0))
     for network, count in (record.get("num_parameters") or {}).items():
         metrics.append(Metric(f"params/{safe_name(network)}", float(count), timestamp, 0))

@@ -15,14 +15,20 @@ to floats only at log steps (``log_every``). Whether a loss was not finite is tr
 every step (the first such step) and read at log steps, before every checkpoint and at the end: a
 non-finite loss stops training with its step number by the next of those, and no checkpoint is written
 after it.
+
+Several processes can run this loop together on one method (``ranks``, :mod:`bench.data_parallel`, started
+by :mod:`bench.ray_train`): each takes its share of every batch, and everything else above holds for the
+group — the checkpoint (written by rank 0) holds every rank's RNG states.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,11 +36,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bench.config import TrainConfig
+from bench.data_parallel import SINGLE, Ranks, data_parallel, diverged_keys
 from bench.datasets import ImageSet
 from bench.errors import NotTrainable, UserError
 from bench.images import to_tensor
 from bench.masks import FreeFormConfig, TrainMaskSampler
-from bench.methods import HostPreprocessing, InpaintingMethod, atomic_torch_save, safe_torch_load
+from bench.methods import HostPreprocessing, InpaintingMethod, atomic_torch_save, in_memory_format, safe_torch_load
 
 #: called after every step with the step's losses (detached 0-d tensors: reading one waits for the device)
 StepCallback = Callable[[int, dict[str, "torch.Tensor | float"]], None]
@@ -92,40 +99,59 @@ def restore_rng_states(states: dict[str, torch.Tensor], device: torch.device, so
     torch.cuda.set_rng_state(states["cuda_rng"], device)
 
 
-def sample_images(cache: ImageCache, config: TrainConfig, step: int) -> torch.Tensor:
-    """The step's images: a pure function of (seed, step), so resuming needs no data-loader state."""
+def restore_rank_rng_states(state: dict[str, Any], device: torch.device, ranks: Ranks, source: object,
+                            seed: int) -> None:
+    """This rank's RNG states from a checkpoint written by as many ranks (one process's checkpoints have one).
+    Resuming on another number of ranks keeps the weights and optimiser states but cannot continue the draws."""
+    saved_ranks = state.get("workers", 1)
+    if saved_ranks == ranks.size:
+        restore_rng_states(state["rank_rng"][ranks.rank] if "rank_rng" in state else state, device, source)
+        return
+    warnings.warn(f"{source} was written by {saved_ranks} training worker(s) and resumes on {ranks.size}: weights "
+                  "and optimiser states continue, but the random draws, and so the losses, differ from an "
+                  "uninterrupted run's")
+    torch.manual_seed(int(np.random.SeedSequence([seed, state["step"], ranks.rank]).generate_state(1)[0]))
+
+
+def sample_images(cache: ImageCache, config: TrainConfig, step: int, share: slice = slice(None)) -> torch.Tensor:
+    """The step's images (``share`` of them): a pure function of (seed, step), so resuming needs no data-loader
+    state. The whole batch is drawn and only the share decoded, so ranks split exactly one process's batch."""
     rng = np.random.default_rng([config.seed, step, 1])
-    indices = rng.integers(0, len(cache.images), size=config.batch_size)
+    indices = rng.integers(0, len(cache.images), size=config.batch_size)[share]
+    flips = torch.from_numpy(rng.random(config.batch_size) < 0.5)[share]  # horizontal flips: the only augmentation
     images = torch.stack([cache[int(i)] for i in indices])
-    flips = torch.from_numpy(rng.random(config.batch_size) < 0.5)  # horizontal flips: the only augmentation
     images[flips] = images[flips].flip(-1)
     return images
 
 
-def sample_masks(sampler: TrainMaskSampler, batch_size: int, step: int) -> torch.Tensor:
-    """The step's training masks. The sampler draws its n-th batch from ``default_rng([seed, n])`` and training
-    takes one batch a step, so step t's masks are the sampler's batch t, whichever process draws them."""
+def sample_masks(sampler: TrainMaskSampler, batch_size: int, step: int, share: slice = slice(None)) -> torch.Tensor:
+    """The step's training masks (``share`` of them). The sampler draws its n-th batch from
+    ``default_rng([seed, n])`` and training takes one batch a step, so step t's masks are the sampler's batch t,
+    whichever process draws them."""
     sampler.batches_drawn = step
-    return sampler.sample(batch_size)
+    return sampler.sample(batch_size)[share]
 
 
 class TrainingBatches(Dataset):
-    """Item t is step t's batch on the CPU: images, masks and the method's host-side inputs. A pure function
-    of (seed, t), so any process can make any step's batch and a resumed run needs no loader state."""
+    """Item t is step t's batch on the CPU (``share`` of it, for one of several ranks): images, masks and the
+    method's host-side inputs. A pure function of (seed, t, share), so any process can make any step's batch
+    and a resumed run needs no loader state."""
 
     def __init__(self, images: ImageSet, config: TrainConfig, masks: TrainMaskSampler,
-                 host_preprocessing: HostPreprocessing | None, cache_bytes: int = IMAGE_CACHE_BYTES):
+                 host_preprocessing: HostPreprocessing | None, cache_bytes: int = IMAGE_CACHE_BYTES,
+                 share: slice = slice(None)):
         self.cache = ImageCache(images, cache_bytes)
         self.config = config
         self.masks = masks
         self.host_preprocessing = host_preprocessing
+        self.share = share
 
     def __len__(self) -> int:
         return self.config.steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        images = sample_images(self.cache, self.config, step)
-        masks = sample_masks(self.masks, self.config.batch_size, step)
+        images = sample_images(self.cache, self.config, step, self.share)
+        masks = sample_masks(self.masks, self.config.batch_size, step, self.share)
         batch = {"image": images, "mask": masks}
         if self.host_preprocessing is not None:
             batch.update(self.host_preprocessing(images, masks))
@@ -165,8 +191,9 @@ class NonFiniteWatch:
     """The first step whose losses were not all finite, kept on the device: a per-step check on the host would
     wait for the device every step. Read at log steps, before checkpoints and at the end (:meth:`check`)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, ranks: Ranks = SINGLE):
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.ranks = ranks  # a non-finite loss on any rank stops every rank at the same check
 
     def update(self, step: int, stacked: torch.Tensor | None, losses: dict[str, torch.Tensor | float]) -> None:
         not_finite = torch.zeros((), dtype=torch.bool, device=self.first_step.device)
@@ -177,7 +204,7 @@ class NonFiniteWatch:
         self.first_step = torch.where(not_finite & (self.first_step < 0), step, self.first_step)
 
     def check(self, method: InpaintingMethod, step: int, values: dict[str, float] | None = None) -> None:
-        first = int(self.first_step)
+        first = int(self.ranks.earliest(self.first_step))
         if first >= 0:
             shown = f": {values}" if values is not None and first == step else ""
             raise FloatingPointError(f"{method.name}: non-finite loss at step {first}{shown}")
@@ -186,17 +213,21 @@ class NonFiniteWatch:
 def train(method: InpaintingMethod, images: ImageSet, config: TrainConfig, *,
           checkpoint_path: str | os.PathLike | None = None, on_step: StepCallback | None = None,
           progress: bool = True, description: str = "train", data_workers: int = 0,
-          precision: str = "fp32") -> TrainResult:
+          precision: str = "fp32", ranks: Ranks = SINGLE, sync_batch_norm: bool = True) -> TrainResult:
     """Train ``method`` for ``config.steps`` steps, resuming from ``checkpoint_path`` when it exists.
 
     ``data_workers`` processes make the batches (0: this process); the losses are the same either way.
     ``precision`` (fp32 | bf16 | fp16) is what the forward passes run at; a checkpoint resumes only at its own.
+    ``ranks``: this process's place when several train the method together (:mod:`bench.data_parallel`): each
+    takes its share of every batch, gradients and reported losses are averaged over the ranks, batch norm is
+    synchronised unless ``sync_batch_norm`` is off, and rank 0 alone writes the checkpoint and calls ``on_step``.
     """
     if not method.trainable:
         raise NotTrainable(f"method {method.name!r} has nothing to train")
     if len(images) == 0:
         raise UserError(f"training set {images.name!r} ({images.split}) has no images")
     device = method.device
+    share = ranks.share(config.batch_size)
     method.set_precision(precision)
     result = TrainResult(precision=precision)
     masks = TrainMaskSampler(images.image_size, config.seed, FreeFormConfig(preset=config.mask_preset),
@@ -212,42 +243,56 @@ def train(method: InpaintingMethod, images: ImageSet, config: TrainConfig, *,
         method.load_training_state(state["method"])
         if method.grad_scaler is not None:
             method.grad_scaler.load_state_dict(state["grad_scaler"])
-        restore_rng_states(state, device, checkpoint_path)
+        restore_rank_rng_states(state, device, ranks, checkpoint_path, config.seed)
         masks.load_state_dict(state["masks"])  # checks the mask settings are the original run's
         start, result.history, result.resumed_from = state["step"], state["history"], state["step"]
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(ranks.seed(config.seed))
 
     cache_bytes = IMAGE_CACHE_BYTES // max(1, data_workers)  # every worker keeps its own decoded images
-    batches = TrainingBatches(images, config, masks, method.host_preprocessing("train"), cache_bytes)
+    batches = TrainingBatches(images, config, masks, method.host_preprocessing("train"), cache_bytes, share)
     loader = batch_loader(batches, start, data_workers, device)
-    nonfinite = NonFiniteWatch(device)
+    nonfinite = NonFiniteWatch(device, ranks)
     method.train()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description,
-               disable=not progress, leave=False, dynamic_ncols=True)
-    for step, batch in zip(bar, loader):
-        batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-        with method.autocast():
-            losses = method.train_step(batch)
-        method.end_training_step()
-        names, stacked = split_losses(losses)
-        nonfinite.update(step, stacked, losses)
-        if step % config.log_every == 0 or step == config.steps - 1:
-            values = losses_to_floats(losses, names, stacked)
-            nonfinite.check(method, step, values)
-            result.history.append({"step": step, **values})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]}, refresh=False)
-        if on_step is not None:
-            on_step(step, losses)
-        done = step + 1
-        if checkpoint_path and (done % config.checkpoint_every == 0 or done == config.steps):
-            nonfinite.check(method, step)  # never save weights a non-finite loss has updated
-            scaler = {"grad_scaler": method.grad_scaler.state_dict()} if method.grad_scaler is not None else {}
-            atomic_torch_save({"step": done, "method": method.training_state(), "history": result.history,
-                               **rng_states(device), "masks": {**masks.state_dict(), "batches_drawn": done},
-                               "precision": precision, **scaler}, checkpoint_path)
-    bar.close()
-    nonfinite.check(method, config.steps - 1)
+               disable=not (progress and ranks.leader), leave=False, dynamic_ncols=True)
+    with data_parallel(method, device, ranks, sync_batch_norm=sync_batch_norm) as parallel:
+        for step, batch in zip(bar, loader):
+            batch = {name: in_memory_format(tensor.to(device, non_blocking=True), method.memory_format)
+                     for name, tensor in batch.items()}
+            with method.autocast():
+                losses = method.train_step(batch)
+            method.end_training_step()
+            if ranks.distributed:  # every loss a tensor, so that all of them are averaged over the ranks
+                losses = {name: torch.as_tensor(value, device=device) for name, value in losses.items()}
+            names, stacked = split_losses(losses)
+            nonfinite.update(step, stacked, losses)
+            if step % config.log_every == 0 or step == config.steps - 1:
+                values = losses_to_floats(losses, names, None if stacked is None else ranks.mean(stacked))
+                nonfinite.check(method, step, values)
+                result.history.append({"step": step, **values})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in list(values.items())[:4]}, refresh=False)
+            if on_step is not None and ranks.leader:
+                on_step(step, losses)
+            done = step + 1
+            if checkpoint_path and (done % config.checkpoint_every == 0 or done == config.steps):
+                nonfinite.check(method, step)  # never save weights a non-finite loss has updated
+                with parallel.unwrapped() if parallel else contextlib.nullcontext():
+                    training_state = method.training_state()
+                diverged = diverged_keys(training_state["state_dict"], ranks, batch_norm_synchronised=sync_batch_norm)
+                if diverged:
+                    raise RuntimeError(f"{method.name}: the training workers' weights differ at step {done} in "
+                                       f"{', '.join(diverged[:5])}: something is updated per worker, not from the "
+                                       "averaged gradients")
+                rank_states = ranks.gather(rng_states(device))
+                if ranks.leader:
+                    scaler = {"grad_scaler": method.grad_scaler.state_dict()} if method.grad_scaler is not None else {}
+                    atomic_torch_save({"step": done, "method": training_state, "history": result.history,
+                                       **rank_states[0], "rank_rng": rank_states, "workers": ranks.size,
+                                       "masks": {**masks.state_dict(), "batches_drawn": done},
+                                       "precision": precision, **scaler}, checkpoint_path)
+        bar.close()
+        nonfinite.check(method, config.steps - 1)
     method.eval()
     result.steps = config.steps
     return result

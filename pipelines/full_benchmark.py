@@ -37,6 +37,7 @@ from bench.shards import cluster_slots
 from bench.errors import UserError
 from bench.images import atomic_write_bytes
 from bench.manifest import MaskProtocol, build_manifest
+from bench.ray_train import training_workers, worker_resources
 from bench.methods import apply_overrides, available_methods, create_method, get_factory
 from bench.tracking import Tracker, resolve_uri
 
@@ -219,7 +220,8 @@ def plan_cluster(config: BenchmarkConfig) -> tuple[int, str]:
     total = {kind: sum(node.get(kind, 0.0) for node in nodes) for kind in ("CPU", "GPU")}
     where = (f"the Ray cluster at {address}" if address else "a local Ray cluster on this machine") + \
         f" ({len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs)"
-    return cluster_slots(nodes, resources.cpus_per_cell, resources.gpus_per_cell), where
+    share = worker_resources(resources)  # what each evaluation task asks for (all of it with one training worker)
+    return cluster_slots(nodes, share.cpus_per_cell, share.gpus_per_cell), where
 
 
 def run_plan(config: BenchmarkConfig) -> Path:
@@ -238,12 +240,13 @@ def run_plan(config: BenchmarkConfig) -> Path:
     plan = prepare(config, methods, weights)
     sources = []
     try:
-        device = devices.resolve_device(config.resources.device, gpus_per_cell=config.resources.gpus_per_cell)
+        share = worker_resources(config.resources)
+        device = devices.resolve_device(share.device, gpus_per_cell=share.gpus_per_cell)
     except UserError as exc:  # planning a GPU run on a machine without one
         device = torch.device("cpu")
         sources.append(f"note: {exc} — timed on the CPU instead; pass --plan-latency-from an efficiency folder "
                        "measured on the cluster's GPUs")
-    with distributed.torch_threads(distributed.cell_threads(config.resources)):
+    with distributed.torch_threads(distributed.cell_threads(worker_resources(config.resources))):
         costs = estimate(config, plan.cells, slots, device, config.plan_latency_from,
                          log=lambda text: print(text, flush=True))
     if config.plan_latency_from:
@@ -262,6 +265,9 @@ def run_benchmark(config: BenchmarkConfig) -> Path:
     """The whole job for a parsed config; returns the report path."""
     started = time.perf_counter()
     config = absolute_paths(config)
+    if config.resources.serial and training_workers(config.resources) > 1:
+        raise UserError(f"a cell trains in {training_workers(config.resources)} workers under Ray Train, which needs "
+                        "Ray: drop --serial (or set --train-workers 1 and at most one GPU per cell)")
     methods = resolve_methods(config)
     weights = check_weights(config, methods)  # a bad checkpoint fails here, before anything is written
     # A bad MLflow URI or an impossible resource request fails here, before any image is read.

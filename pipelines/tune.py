@@ -11,7 +11,9 @@ of values (``choice`` sampling), or ``low high`` (``uniform`` / ``loguniform`` s
 ``optuna`` (TPE, seeded), ``random`` (seeded) or ``grid`` (every combination of the value lists).
 
 A trial trains the method in chunks of ``--steps-per-report`` steps; after each chunk it scores the
-*validation* pairs, reports the metric with a checkpoint, and ASHA stops the weaker trials early. The
+*validation* pairs, reports the metric with a checkpoint, and ASHA stops the weaker trials early. With
+``--train-workers N`` (or ``--gpus-per-trial N``, N > 1) each chunk trains data-parallel in N Ray Train
+workers, as a benchmark cell does (:mod:`bench.ray_train`), so a search can use a multi-GPU cluster. The
 validation pairs are frozen once, before any trial runs, from the dataset's ``val`` split into
 ``<out>/val_manifest`` (the same manifest machinery as the test protocol, on other images); this
 pipeline never lists, builds or reads a test split or a test manifest.
@@ -41,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -54,11 +57,13 @@ from ray.tune import Callback
 from bench.cell import parse_dataset, resolve_device
 from bench.cli import parse_config, run_main
 from bench.config import ResourceConfig, TrackingConfig, TrainConfig, to_dict
+from bench.data_parallel import Ranks
 from bench.datasets import load_image_set
 from bench.errors import UserError
 from bench.images import atomic_write_bytes
 from bench.manifest import Manifest, MaskProtocol, build_manifest, load_manifest
-from bench.methods import create_method, get_factory, register_method
+from bench.methods import create_method, get_factory, register_method, safe_torch_load
+from bench.ray_train import RUN_FOLDER, fit_on_workers, training_workers, worker_device, worker_resources
 from bench.tracking import (GIT_COMMIT_TAG, OUT_TAG, PARENT_TAG, ROLE_TAG, RunContext, Tracker, config_params,
                             resolve_uri, safe_name, search_runs)
 
@@ -76,6 +81,15 @@ BEST_CONFIG = "best_config.yaml"
 SENSITIVITY = "sensitivity"
 TRAIN_STATE = "train_state.pt"  # inside a trial checkpoint: bench.train's resumable state
 PROGRESS = "progress.json"  # inside a trial checkpoint: steps done and the reports so far
+SCORES = "scores.json"  # beside train_state.pt when workers train a trial: rank 0's validation scores of the chunk
+WORKERS_FOLDER = "workers"  # in a trial's storage folder: train_state.pt between chunks, when workers train it
+# What a trial that trains in workers asks for itself: no CPU and no GPU, they are its workers' (a trial holding a
+# CPU its workers need waits for them forever). Tune refuses a request of nothing, so it holds one byte of Ray's
+# memory resource, which every node has.
+LAUNCHER_REQUEST = {"cpu": 0.0, "gpu": 0.0, "memory": 1}
+# bench's messages name a benchmark cell's flags; a search sets the same things per trial.
+CELL_TO_TRIAL_FLAGS = (("--cpus-per-cell", "--cpus-per-trial"), ("--gpus-per-cell", "--gpus-per-trial"),
+                       ("--batch-size", "--train.batch-size"))
 
 SEARCH_ROLE = "search"  # ROLE_TAG of the parent run
 TRIAL_ROLE = "trial"  # ROLE_TAG of a trial's nested run
@@ -133,6 +147,14 @@ class TrialResources:
     cpus_per_trial: float = 1.0  # Ray CPU request per trial (fractional allowed; torch uses max(1, floor) threads)
     gpus_per_trial: float = 0.0  # Ray GPU request per trial (fractional allowed)
     ray_address: str | None = None  # existing Ray cluster (or env RAY_ADDRESS); default: a local cluster
+    # Processes that train one trial together, data-parallel under Ray Train (NCCL on GPUs, gloo on CPUs), as
+    # --train-workers does for a benchmark cell, so that a search can give each trial several GPUs; 0 = one per
+    # GPU of --gpus-per-trial (one without GPUs). The workers hold the trial's request, each an even share of
+    # --cpus-per-trial / --gpus-per-trial; the trial's own process then holds nothing (LAUNCHER_REQUEST: were it
+    # to keep a CPU its workers need, they would never start) and scores the validation pairs on the CPU
+    # between chunks, while its workers are idle. Several trials whose workers do not all fit take turns: Ray
+    # Train reserves a trial's workers all at once or not at all.
+    train_workers: int = 0
 
 
 @dataclass
@@ -197,6 +219,35 @@ def check_config(config: TuneConfig) -> None:
     if clashes:
         raise UserError(f"method_options sets {clashes}, which the search space decides: set them under space")
     param_space(config.space, config.searcher)  # raises on a malformed space
+    workers = trial_workers(config.resources)
+    if workers > 1:
+        with trial_flags():
+            Ranks(size=workers).share(config.train.batch_size)  # raises when the workers cannot split the batch
+
+
+@contextlib.contextmanager
+def trial_flags() -> Iterator[None]:
+    """A :class:`UserError` of bench's resource rules, re-raised with the search's flag names."""
+    try:
+        yield
+    except UserError as exc:
+        message = str(exc)
+        for cell_flag, trial_flag in CELL_TO_TRIAL_FLAGS:
+            message = message.replace(cell_flag, trial_flag)
+        raise UserError(message) from None
+
+
+def trial_resource_config(resources: TrialResources) -> ResourceConfig:
+    """A trial's request as a cell's, for the rules and helpers of :mod:`bench.ray_train` and Ray's checks."""
+    return ResourceConfig(device=resources.device, cpus_per_cell=resources.cpus_per_trial,
+                          gpus_per_cell=resources.gpus_per_trial, ray_address=resources.ray_address,
+                          train_workers=resources.train_workers)
+
+
+def trial_workers(resources: TrialResources) -> int:
+    """How many processes train each trial (a request that cannot be met raises a one-line UserError)."""
+    with trial_flags():
+        return training_workers(trial_resource_config(resources))
 
 
 def _values(space: SearchSpace, name: str) -> list[float]:
@@ -268,6 +319,8 @@ def absolute_paths(config: TuneConfig) -> TuneConfig:
 def search_identity(config: TuneConfig) -> dict[str, Any]:
     """Every option that decides the search's trials; a re-run must match them to resume."""
     values = json.loads(json.dumps(to_dict(config), default=str))
+    if not config.resources.train_workers:  # only when set: searches begun before the option still resume
+        values["resources"].pop("train_workers", None)
     for dotted in RESUMABLE_CHANGES:
         *parents, leaf = dotted.split(".")
         node = values
@@ -363,9 +416,16 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
 
 
+def training_images(config: TuneConfig) -> Any:
+    dataset = parse_dataset(config.dataset)
+    return load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.image_size,
+                          limit=config.train_limit, cache_dir=config.cache_dir)
+
+
 def run_trial(params: dict[str, Any], *, config: TuneConfig, factory: Callable, val_manifest: str) -> None:
     """One trial (Ray Tune function trainable): train in chunks, score the validation pairs after each
-    chunk, report with a checkpoint; a restarted trial continues from Tune's latest checkpoint."""
+    chunk, report with a checkpoint; a restarted trial continues from Tune's latest checkpoint. With several
+    training workers each chunk trains and is scored in them (:func:`train_chunk_on_workers`)."""
     import torch
     from ray import tune
 
@@ -373,28 +433,31 @@ def run_trial(params: dict[str, Any], *, config: TuneConfig, factory: Callable, 
 
     register_method(config.method, factory)  # methods registered in the driver (tests, notebooks) exist here
     torch.set_num_threads(max(1, math.floor(config.resources.cpus_per_trial)))
-    device = resolve_device(config.resources.device)
-    dataset = parse_dataset(config.dataset)
-    train_set = load_image_set(dataset.kind, "train", root=dataset.root, image_size=config.image_size,
-                               limit=config.train_limit, cache_dir=config.cache_dir)
+    workers = trial_workers(config.resources)
+    # With workers this process holds no GPU (they hold the trial's) and needs no method: they train and score.
+    device = resolve_device(config.resources.device) if workers == 1 else None
+    train_set = training_images(config)
     validation = load_validation_pairs(val_manifest)
     # What this trial read, reported with every result and kept as tags of its MLflow run.
     data = {"data_train_split": train_set.split, "data_train_images": len(train_set),
             "data_eval_split": validation.record["dataset"]["split"], "data_eval_manifest": str(validation.out_dir),
             "data_eval_pairs": len(validation.pairs)}
     torch.manual_seed(config.train.seed)  # weight initialisation is part of the seeded config
-    method = create_method(config.method, **config.method_options, **params).to(device)
+    method = create_method(config.method, **config.method_options, **params).to(device) if device else None
     total = config.train.steps
-    with tempfile.TemporaryDirectory(prefix="sahn-tune-") as folder:
-        work = Path(folder)
+    with trial_work_folder(config, workers) as work:
         done, curve = _read_progress(tune.get_checkpoint(), work)
         restored_from = done
         while done < total:
             target = min(done + config.asha.steps_per_report, total)
             chunk = dataclasses.replace(config.train, steps=target, checkpoint_every=config.asha.steps_per_report)
-            history = train(method, train_set, chunk, checkpoint_path=work / TRAIN_STATE, progress=False).history
-            row = {"step": target, **validation_scores(method, validation, config.val.batch_size),
-                   **chunk_losses(history, done, target)}
+            if workers == 1:
+                history = train(method, train_set, chunk, checkpoint_path=work / TRAIN_STATE, progress=False).history
+                scores = validation_scores(method, validation, config.val.batch_size)
+            else:
+                history, scores = train_chunk_on_workers(params, chunk, work, config=config, factory=factory,
+                                                         val_manifest=val_manifest)
+            row = {"step": target, **scores, **chunk_losses(history, done, target)}
             curve.append(row)
             _write_json(work / PROGRESS, {"step": target, "curve": curve})
             tune.report({**row, "restored_from_step": restored_from, **data},
@@ -402,9 +465,79 @@ def run_trial(params: dict[str, Any], *, config: TuneConfig, factory: Callable, 
             done = target
 
 
+@contextlib.contextmanager
+def trial_work_folder(config: TuneConfig, workers: int) -> Iterator[Path]:
+    """Where a trial keeps ``train_state.pt`` between its chunks. Trained in this process: a temporary folder.
+    Trained in workers: a folder they all reach, the trial's own folder in the search's storage
+    (``<out>/search/trial_<id>/workers``; Ray Train's run folder, its logs, beside it). On one node any folder
+    would do; on a multi-node cluster ``--out`` must be shared storage (NFS or the like) mounted at the same
+    path on every node, which a search there needs anyway: Tune keeps the trials' checkpoints in it and every
+    trial reads the validation pairs from it. Tune's own trial folder (``get_trial_dir``) is node-local."""
+    if workers == 1:
+        with tempfile.TemporaryDirectory(prefix="sahn-tune-") as folder:
+            yield Path(folder)
+        return
+    from ray import tune
+
+    trial = Path(config.out) / EXPERIMENT_FOLDER / trial_folder_name(tune.get_context().get_trial_id())
+    work = trial / WORKERS_FOLDER
+    shutil.rmtree(work, ignore_errors=True)  # a failed attempt's state: a restart begins at Tune's checkpoint
+    work.mkdir(parents=True)
+    try:
+        yield work
+    finally:
+        remove_worker_scratch(trial)
+
+
+def remove_worker_scratch(trial: Path) -> None:
+    """A trial folder without its workers' files (Tune's checkpoints hold what is worth keeping)."""
+    shutil.rmtree(trial / WORKERS_FOLDER, ignore_errors=True)
+    shutil.rmtree(trial / RUN_FOLDER, ignore_errors=True)
+
+
+def train_chunk_on_workers(params: dict[str, Any], chunk: TrainConfig, work: Path, *, config: TuneConfig,
+                           factory: Callable, val_manifest: str) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Train one chunk in the trial's Ray Train workers, from (or resuming at) ``work/train_state.pt``; rank 0
+    then scores the validation pairs on its own device (a GPU when the trial has them). Returns the training
+    history rank 0 wrote with the state (one row per logged step) and the scores."""
+    setup = {"config": config, "factory": factory, "params": params, "chunk": chunk, "work": str(work),
+             "val_manifest": val_manifest}
+    fit_on_workers(_trial_worker_loop, setup, trial_resource_config(config.resources), name=f"steps-{chunk.steps}",
+                   folder=work.parent / RUN_FOLDER)
+    scores = json.loads((work / SCORES).read_text())
+    return safe_torch_load(work / TRAIN_STATE)["history"], scores
+
+
+def _trial_worker_loop(setup: dict[str, Any]) -> None:
+    """One Ray Train worker of a trial: the chunk's training at this worker's rank, on its GPU or the CPU,
+    with the method created as :func:`run_trial` creates it (the same seed, the same options)."""
+    import torch
+
+    from bench.distributed import cell_threads, torch_threads
+    from bench.train import train
+
+    config = setup["config"]
+    resources = trial_resource_config(config.resources)
+    register_method(config.method, setup["factory"])
+    with torch_threads(cell_threads(worker_resources(resources))):
+        train_set = training_images(config)
+        torch.manual_seed(config.train.seed)
+        method = create_method(config.method, **config.method_options, **setup["params"]).to(worker_device(resources))
+        ranks = Ranks.of_process_group()
+        work = Path(setup["work"])
+        train(method, train_set, setup["chunk"], checkpoint_path=work / TRAIN_STATE, progress=False, ranks=ranks)
+        if ranks.leader:
+            scores = validation_scores(method, load_validation_pairs(setup["val_manifest"]), config.val.batch_size)
+            _write_json(work / SCORES, scores)
+
+
+def trial_folder_name(trial_id: str) -> str:
+    return f"trial_{trial_id}"
+
+
 def trial_dirname(trial: Any) -> str:
     """Short, stable trial folders (Tune's default name holds every sampled value)."""
-    return f"trial_{trial.trial_id}"
+    return trial_folder_name(trial.trial_id)
 
 
 # ------------------------------------------------------------------------------------------ MLflow
@@ -600,10 +733,17 @@ def make_tuner(config: TuneConfig, trainable: Any, experiment: Path, callback: A
                                   callbacks=[callback], verbose=config.verbose))
 
 
+def trial_request(resources: TrialResources) -> dict[str, float]:
+    """What a trial's own process asks Ray for: its whole request, or nothing when its workers hold it."""
+    if trial_workers(resources) > 1:
+        return dict(LAUNCHER_REQUEST)
+    return {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial}
+
+
 def make_trainable(config: TuneConfig, val_manifest: Path) -> Any:
     from ray import tune
 
-    resources = {"cpu": config.resources.cpus_per_trial, "gpu": config.resources.gpus_per_trial}
+    resources = trial_request(config.resources)
     trainable = tune.with_parameters(run_trial, config=config, factory=get_factory(config.method),
                                      val_manifest=str(val_manifest))
     return tune.with_resources(trainable, resources)
@@ -699,9 +839,8 @@ def run_search(config: TuneConfig) -> SearchOutcome:
     out.mkdir(parents=True, exist_ok=True)
     tracker = Tracker.open(resolve_uri(config.tracking.mlflow_uri, out), config.tracking.experiment)
     context = RunContext.collect()
-    resources = ResourceConfig(device=config.resources.device, cpus_per_cell=config.resources.cpus_per_trial,
-                               gpus_per_cell=config.resources.gpus_per_trial, ray_address=config.resources.ray_address)
-    with ray_cluster(resources, log_to_driver=config.verbose > 0):
+    # Ray's checks of a cell's request, for a trial's: a trial with workers also needs room for all of them.
+    with ray_cluster(trial_resource_config(config.resources), log_to_driver=config.verbose > 0):
         manifest = build_validation_pairs(config, out)
         record, resumed = open_search(config, out, tracker, context)
         print(f"mlflow: experiment {tracker.experiment_name!r} in {tracker.uri}, parent run {record.parent_run_id}")
@@ -720,6 +859,9 @@ def run_search(config: TuneConfig) -> SearchOutcome:
                 grid = tuner.fit()
             if is_unfinished(grid, config):
                 raise KeyboardInterrupt
+            if trial_workers(config.resources) > 1:  # trials ASHA stopped mid-chunk may have left their files
+                for trial in experiment.glob(trial_folder_name("*")):
+                    remove_worker_scratch(trial)
             trials, curves = trial_tables(grid, config)
             write_csv(trials, out / TRIALS_CSV)
             write_csv(curves, out / CURVES_CSV)

@@ -175,11 +175,11 @@ def test_device_requests_that_cannot_work_under_ray_are_refused_with_one_line():
     node = [{"CPU": 8.0, "GPU": 4.0}]
     for device, gpus, expected in (("cuda:3", 1, "each cell holds 1"), ("cuda:2", 2, "each cell holds 2"),
                                    ("cuda", 0, "needs --gpus-per-cell > 0"), ("auto", 1.5, "whole number"),
-                                   ("tpu:0", 1, "not a device")):
+                                   ("tpu:0", 1, "not a device"), ("cuda:1", 2, "one GPU of its own")):
         with pytest.raises(UserError, match=expected) as refused:
             check_feasible(ResourceConfig(device=device, gpus_per_cell=gpus), node)
         assert "\n" not in str(refused.value)
-    for device, gpus in (("cuda:1", 2), ("cuda", 0.5), ("auto", 0), ("cpu", 1), ("auto", 3)):
+    for device, gpus in (("cuda:0", 2), ("cuda", 0.5), ("auto", 0), ("cpu", 1), ("auto", 3)):
         assert request_problem(device, gpus) is None
         check_feasible(ResourceConfig(device=device, gpus_per_cell=gpus), node)
 

@@ -94,7 +94,8 @@ def test_guided_network_round_trips_and_exposes_only_eps(tmp_path):
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([20.0, 700.0])
     with torch.no_grad():
         assert source.unet(x, t).shape[1] == 6
-        assert torch.equal(target.eps(x, t), source.unet(x, t)[:, :3])
+        one_by_one = torch.cat([source.unet(x[i:i + 1], t[i:i + 1]) for i in range(2)])  # as eps runs on the CPU
+        assert torch.equal(target.eps(x, t), one_by_one[:, :3])
     images, holes = inpainting_problem()
     result = target.inpaint(images, holes)
     assert torch.equal(result * (1 - holes), images * (1 - holes))
@@ -107,6 +108,43 @@ def test_timestep_embedding_takes_fractional_times_and_the_network_keeps_the_sha
         out_early, out_late = unet(x, torch.tensor([10.0, 10.0])), unet(x, torch.tensor([900.0, 900.0]))
     assert out_early.shape == x.shape
     assert not torch.allclose(out_early, out_late)  # the timestep reaches the output
+
+
+def forward_batch_sizes(network: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.RemovableHandle]:
+    sizes: list[int] = []
+    handle = network.register_forward_hook(lambda module, args, output: sizes.append(len(args[0])))
+    return sizes, handle
+
+
+def test_on_the_cpu_each_pair_gets_the_bits_it_gets_alone_in_any_batch():
+    """The U-Net runs one sample at a time on the CPU: batched, matrix products of fewer than four rows and
+    batch-1 convolutions take other kernels, and a pair's result would move by round-off with its batch."""
+    method = small_method(seed=3)
+    images, holes = inpainting_problem(seed=4, batch=5)
+    together = method.inpaint(images, holes)
+    alone = torch.cat([method.inpaint(images[i:i + 1], holes[i:i + 1]) for i in range(5)])
+    in_two = torch.cat([method.inpaint(images[:2], holes[:2]), method.inpaint(images[2:], holes[2:])])
+    assert torch.equal(together, alone) and torch.equal(together, in_two)
+    sizes, handle = forward_batch_sizes(method.sampling_network())
+    method.inpaint(images, holes)
+    handle.remove()
+    assert sizes == [1] * 5 * SMALL["steps"]
+
+
+def test_where_metric_networks_take_batches_the_network_sees_the_whole_batch(monkeypatch):
+    """A GPU stand-in: where :func:`bench.devices.network_chunk` gives more than one image per call, ε comes from
+    one call over the batch, with the values of that call."""
+    import baselines.ddnm
+
+    monkeypatch.setattr(baselines.ddnm, "network_chunk", lambda device: 64)
+    method = small_method(seed=3)
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([10.0, 10.0, 10.0])
+    sizes, handle = forward_batch_sizes(method.sampling_network())
+    with torch.no_grad():
+        eps = method.eps(x, t)
+        expected = method.sampling_network()(x, t)[:, :3]
+    handle.remove()
+    assert sizes == [3, 3] and torch.equal(eps, expected)
 
 
 # ----------------------------------------------------------------------------- official checkpoints

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from bench.errors import UserError
-from bench.tracking import (EXPERIMENT_KIND_TAG, PARENT_TAG, Tracker, bin_key, bin_label_of_key, default_uri,
-                            load_cells, parse_summary_metric_name, resolve_uri)
+from bench.tracking import (EXPERIMENT_KIND_TAG, PARENT_TAG, Tracker, bin_key, bin_label_of_key, cell_metrics,
+                            default_uri, load_cells, parse_summary_metric_name, resolve_uri)
 from reports.build import build_report, build_report_from_mlflow
 from tiny_methods import empty_mlflow_store
 
@@ -195,6 +195,43 @@ def test_relogging_the_same_cells_adds_no_runs_and_a_rerun_cell_gets_a_new_one(b
     assert len(tracker.cell_runs()) == 3
     cells = load_cells(tracker.uri, "bench")
     assert [c.record["train_seconds"] for c in cells if c.method == "tiny_net"] == [9.0]  # the newest run wins
+
+
+# cell.json's eval_shards as bench.cell.cell_record writes it for a cell evaluated in three shards.
+EVAL_SHARDS = [{"pairs": [0, 40], "seconds": 12.25, "device": "cuda", "gpu_ids": [0], "node_id": "node-a"},
+               {"pairs": [40, 80], "seconds": 1 / 3, "device": "cuda", "gpu_ids": [1], "node_id": "node-b"},
+               {"pairs": [80, 90], "seconds": 7.5, "device": "cpu", "gpu_ids": [], "node_id": None}]
+SHARD_METRICS = ("time/eval_shard_seconds", "eval_shards")
+
+
+def test_a_sharded_cell_logs_its_shards_seconds_as_one_series_and_their_count(tmp_path):
+    folder = write_cell(tmp_path, "tiny_net", "SAHN", {"psnr": 23.5, "MAE": 0.02}, None)
+    whole = json.loads((folder / "cell.json").read_text())
+    in_one_piece = [(m.key, m.value, m.step) for m in cell_metrics(folder, whole, 1000)]
+    assert not [m for m in in_one_piece if m[0] in SHARD_METRICS]
+    sharded = [(m.key, m.value, m.step) for m in cell_metrics(folder, {**whole, "eval_shards": EVAL_SHARDS}, 1000)]
+    assert sorted((m for m in sharded if m[0] in SHARD_METRICS), key=lambda m: (m[0], m[2])) == [
+        ("eval_shards", 3.0, 0),
+        ("time/eval_shard_seconds", 12.25, 0), ("time/eval_shard_seconds", 1 / 3, 1),
+        ("time/eval_shard_seconds", 7.5, 2)]
+    assert [m for m in sharded if m[0] not in SHARD_METRICS] == in_one_piece  # the rest is as for one piece
+
+
+def test_shard_timings_reach_mlflow_as_a_history_of_the_cell_run(benchmark_folder):
+    record_path = benchmark_folder / "faces" / "tiny_net" / "cell.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "eval_shards": EVAL_SHARDS}))
+    tracker = log_folder(benchmark_folder)
+    cell_runs = tracker.cell_runs()
+    assert len(cell_runs) == 2  # shards are not runs
+    runs = {run.data.tags["sahn.method"]: run for run in (tracker.client.get_run(r.run_id) for r in cell_runs)}
+    history = tracker.client.get_metric_history(runs["tiny_net"].info.run_id, "time/eval_shard_seconds")
+    assert sorted((m.step, m.value) for m in history) == [(0, 12.25), (1, 1 / 3), (2, 7.5)]
+    assert runs["tiny_net"].data.metrics["eval_shards"] == 3
+    assert not set(SHARD_METRICS) & set(runs["classical"].data.metrics)
+    tracked = next(c for c in load_cells(tracker.uri, "bench") if c.method == "tiny_net").summary()
+    folder_summary = pd.read_csv(record_path.parent / "summary.csv")
+    assert sorted(zip(tracked["metric"], tracked["bin"])) == sorted(
+        zip(folder_summary["metric"], folder_summary["bin"]))  # no shard metric is read back as a score
 
 
 # Sections drawn from files that MLflow does not hold (composites, manifests, efficiency.csv) say so when the

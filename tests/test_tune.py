@@ -1,6 +1,6 @@
 """Ray Tune search over SAHN's α and loss weights, on a local 2-CPU cluster: two-trial searches of sahn_tiny
-at 32², trials as nested MLflow runs, a killed driver resumed with the same command, and the test split
-and test manifest never read."""
+at 32², trials as nested MLflow runs, a killed driver resumed with the same command, the test split
+and test manifest never read, and a trial trained by two Ray Train workers (gloo) like one process."""
 import json
 import math
 import os
@@ -23,11 +23,12 @@ from bench.errors import UserError
 from bench.images import write_png
 from bench.manifest import MaskProtocol, build_manifest
 from bench.methods import create_method, register_method, variant
+from bench.ray_train import worker_resources
 from bench.tracking import PARENT_TAG, ROLE_TAG
 from pipelines import full_benchmark
 from pipelines.tune import (COMPLETED, FAILED, PRESETS, STOPPED_EARLY, AshaConfig, SearchSpace, TrialResources,
                             TuneConfig, ValidationConfig, check_config, choose_best, chunk_losses, expected_trials,
-                            param_space, run_search)
+                            param_space, run_search, search_identity, trial_request, trial_resource_config)
 from reports.sensitivity import sensitivity_figure
 from tiny_methods import empty_mlflow_store, ensure_local_ray, wait_for
 
@@ -241,6 +242,33 @@ def test_sensitivity_figure_has_a_panel_per_varied_option(tmp_path):
     assert sensitivity_figure(trials.assign(psnr=float("nan")), "psnr", tmp_path / "none") == []
 
 
+def test_trial_worker_requests_are_checked_before_anything_runs(tmp_path, dataset):
+    two = TrialResources(device="cpu", cpus_per_trial=2.0, train_workers=2)
+    with pytest.raises(UserError, match=r"batch of 7 .* 2 training workers: use --train.batch-size 6 or 8"):
+        check_config(TuneConfig(train=TrainConfig(steps=60, batch_size=7), resources=two))
+    with pytest.raises(UserError, match="--train-workers 2 with --gpus-per-trial 1:"):
+        check_config(TuneConfig(resources=TrialResources(train_workers=2, gpus_per_trial=1.0)))
+    with pytest.raises(UserError, match="--gpus-per-trial 2.5:"):
+        check_config(TuneConfig(resources=TrialResources(gpus_per_trial=2.5)))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="batch of 3"):
+        run_search(search_config(out, dataset, train=TrainConfig(steps=4, batch_size=3, seed=0), resources=two))
+    assert not out.exists()  # refused before the output folder, Ray or MLflow were touched
+
+
+def test_a_trial_with_workers_holds_nothing_its_workers_need():
+    two = TrialResources(cpus_per_trial=2.0, train_workers=2)
+    assert trial_request(two)["cpu"] == 0 and trial_request(two)["gpu"] == 0
+    share = worker_resources(trial_resource_config(two))
+    assert (share.cpus_per_cell, share.gpus_per_cell) == (1.0, 0.0)  # each worker: half the trial's CPUs
+    on_gpus = worker_resources(trial_resource_config(TrialResources(cpus_per_trial=8.0, gpus_per_trial=4.0)))
+    assert (on_gpus.cpus_per_cell, on_gpus.gpus_per_cell) == (2.0, 1.0)  # one worker per GPU by default
+    assert trial_request(TrialResources(cpus_per_trial=1.5, gpus_per_trial=0.5)) == {"cpu": 1.5, "gpu": 0.5}
+    # Searches begun before the option keep their identity, so they still resume.
+    assert "train_workers" not in search_identity(TuneConfig())["resources"]
+    assert search_identity(TuneConfig(resources=two))["resources"]["train_workers"] == 2
+
+
 # ------------------------------------------------------------------------------------ a search on the cluster
 def test_trials_are_mlflow_runs_nested_under_one_parent_with_their_curves(reference):
     client, runs = mlflow_runs(reference["out"])
@@ -291,6 +319,33 @@ def test_a_rerun_with_other_options_is_refused(reference, dataset):
     changed = search_config(reference["out"], dataset, space=SearchSpace(alpha=[0.4], **PAPER_WEIGHTS))
     with pytest.raises(UserError, match="space.alpha"):
         run_search(changed)
+
+
+def test_a_trial_trains_in_two_workers_like_one_process(tmp_path, dataset, store_template, reference):
+    """One trial (α 0.2) whose chunks train in 2 Ray Train workers × 1 image, against the reference search's
+    α 0.2 trial (one process × 2 images): the same reports, the same losses within float round-off (the
+    workers split the process's batch), and the trial scored the weights its workers trained."""
+    out = tmp_path / "out"
+    with_store(out, store_template)
+    # cpus_per_trial 2 on the 2-CPU cluster: the workers take both CPUs, so a trial holding any would hang.
+    config = search_config(out, dataset, num_samples=1, searcher="random",  # Optuna needs something to sample
+                           space=SearchSpace(alpha=[0.2], **PAPER_WEIGHTS),
+                           resources=TrialResources(device="cpu", cpus_per_trial=2.0, train_workers=2))
+    outcome = run_search(config)
+    assert list(outcome.trials["status"]) == [COMPLETED] and list(outcome.trials["step"]) == [4]
+    ours = pd.read_csv(out / "curves.csv")
+    theirs = pd.read_csv(reference["out"] / "curves.csv")
+    theirs = theirs[theirs["alpha"] == 0.2].reset_index(drop=True)
+    assert list(ours["step"]) == list(theirs["step"]) == [2, 4]
+    losses = [column for column in theirs if column.startswith("loss_")]
+    assert losses and sorted(losses) == sorted(c for c in ours if c.startswith("loss_"))
+    np.testing.assert_allclose(ours.loc[0, losses].astype(float), theirs.loc[0, losses].astype(float), rtol=1e-5,
+                               atol=0)
+    # The trial process scored what its workers trained (untrained weights would score alike at steps 2 and 4);
+    # weights within round-off may still flip a few uint8 pixels of the composites, hence not exact.
+    metrics = ["psnr", "ssim", "mae"]
+    np.testing.assert_allclose(ours[metrics].astype(float), theirs[metrics].astype(float), rtol=1e-4, atol=0)
+    assert not list((out / "search").glob("trial_*/workers")) and not list((out / "search").glob("trial_*/ray_train"))
 
 
 def test_killing_the_driver_and_rerunning_resumes_the_trials_from_their_checkpoints(tmp_path, dataset,

@@ -1,6 +1,7 @@
 """GPU smoke test: the first thing to run on a new GPU machine.
 
-    python -m bench.benchmarks.gpu_smoke [--device cuda] [--size 64] [--methods NAME ...] [--no-benchmark]
+    python -m pipelines.benchmarks.gpu_smoke [--device cuda] [--size 64] [--methods NAME ...] [--no-benchmark]
+                                             [--layout-size 256] [--no-layout-timing]
 
 Without CUDA it says so and exits 0. With CUDA, for every registered method (or ``--methods``):
 
@@ -13,6 +14,9 @@ Without CUDA it says so and exits 0. With CUDA, for every registered method (or 
 3. ``inpaint`` and the same ``train_step`` twice each from the same seed under ``--deterministic``: whether
    the repeats are bit-identical (outputs; losses and weights), and which operations torch warned have
    no deterministic implementation (the README's account of what is bit-identical on GPUs is checked here).
+4. ``inpaint`` at bf16 (fp16 where the GPU has no bf16) at ``--layout-size``² with contiguous and with channels_last
+   networks and inputs (what ``--memory-format auto`` picks there): milliseconds per batch of each, for information;
+   a layout whose output is not finite fails.
 
 Then it runs the default preset's cells through Ray with ``--device cuda --gpus-per-cell 0.5`` (two cells
 share each GPU) into a temporary folder, and checks each cell's record names a GPU and its memory share.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,14 +44,17 @@ import torch.nn.functional as F
 
 from bench.devices import deterministic_algorithms, full_fp32
 from bench.errors import NotTrainable
+from bench.evaluate import inference_autocast
 from bench.masks import FreeFormConfig, TrainMaskSampler
-from bench.methods import InpaintingMethod, available_methods, create_method
+from bench.methods import InpaintingMethod, available_methods, create_method, in_memory_format
 
 BATCH = 2
 SEED = 0
 DEFAULT_TOLERANCE = 1e-3  # a quarter of one uint8 step: float32 round-off, not a different function
 NONDETERMINISTIC = "does not have a deterministic implementation"
 BENCHMARK_TIMEOUT_SECONDS = 3600
+LAYOUTS = ("contiguous", "channels_last")
+LAYOUT_REPEATS = 5  # timed calls per layout, after one untimed call (cuDNN chooses its kernels there)
 
 
 @dataclass
@@ -211,6 +219,49 @@ def method_table(reports: list[MethodReport], tolerance: float) -> tuple[str, bo
     return "\n".join(lines), passed
 
 
+# ------------------------------------------------------------------------------------ memory layout timing
+@torch.no_grad()
+def layout_milliseconds(name: str, device: torch.device, size: int, precision: str) -> dict[str, float]:
+    """Median milliseconds of one ``inpaint`` of the photo batch per memory layout, under autocast at ``precision``."""
+    images, masks = photo_batch(size)
+    method = seeded_method(name, device, size).eval()
+    timings = {}
+    for layout in LAYOUTS:
+        method.set_memory_format(layout)
+        inputs = [in_memory_format(tensor.to(device), layout) for tensor in (images, masks)]
+        seconds = []
+        with inference_autocast(device, precision):
+            for _ in range(LAYOUT_REPEATS + 1):
+                torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                output = method.inpaint(*inputs)
+                torch.cuda.synchronize(device)
+                seconds.append(time.perf_counter() - started)
+        if not torch.isfinite(output).all():
+            raise RuntimeError(f"{layout}: inpaint output not finite")
+        timings[layout] = 1000 * statistics.median(seconds[1:])
+    return timings
+
+
+def layout_table(names: list[str], device: torch.device, size: int) -> tuple[str, bool]:
+    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    lines = [f"| method | inpaint ms, {precision}, contiguous | channels_last | contiguous / channels_last |",
+             "|---|---|---|---|"]
+    passed = True
+    for name in names:
+        try:
+            timing = layout_milliseconds(name, device, size, precision)
+            lines.append(f"| {name} | {timing['contiguous']:.2f} | {timing['channels_last']:.2f} | "
+                         f"{timing['contiguous'] / timing['channels_last']:.2f} |")
+        except Exception as exc:  # noqa: BLE001 - one method's failure is a row of the table, not the end
+            passed = False
+            lines.append(f"| {name} | FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} | | |")
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            torch.cuda.empty_cache()
+    return "\n".join(lines), passed
+
+
 # ------------------------------------------------------------------------------------ the benchmark
 def run_default_preset(out: Path, deterministic: bool) -> tuple[str, bool]:
     """The default preset's cells through Ray, two per GPU; a table of what each cell recorded."""
@@ -257,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deterministic", action="store_true",
                         help="run the default preset's cells with --deterministic")
     parser.add_argument("--out", default=None, help="folder for the benchmark run (default: a temporary one)")
+    parser.add_argument("--layout-size", type=int, default=256,
+                        help="image side of the memory-layout timing (default 256, the paper's)")
+    parser.add_argument("--no-layout-timing", action="store_true", help="skip timing contiguous vs channels_last")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -273,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(check_method(name, device, images, masks))
     table, passed = method_table(reports, args.tolerance)
     print(f"\nEvery method at {args.size}², batch {BATCH}, on {device}:\n{table}\n", flush=True)
+
+    if not args.no_layout_timing:
+        table, layouts_passed = layout_table(args.methods or available_methods(), device, args.layout_size)
+        print(f"Memory layouts at {args.layout_size}², batch {BATCH}, median of {LAYOUT_REPEATS} calls:\n{table}\n",
+              flush=True)
+        passed &= layouts_passed
 
     if not args.no_benchmark:
         with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as scratch:

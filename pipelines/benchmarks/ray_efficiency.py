@@ -1,7 +1,7 @@
 """Ray's parallel efficiency on N independent cells with N CPUs, and the per-cell overhead of Ray + MLflow.
 
-    python -m bench.benchmarks.ray_efficiency                 # N = the number of CPUs
-    python -m bench.benchmarks.ray_efficiency --cells 4 --images 12
+    python -m pipelines.benchmarks.ray_efficiency                 # N = the number of CPUs
+    python -m pipelines.benchmarks.ray_efficiency --cells 4 --images 12
 
 The cells are real benchmark cells (``diffusion_fill`` evaluated on a synthetic folder of images, one
 seed each: identical, independent work), run through the same code as the pipeline:

@@ -1,6 +1,6 @@
 """EdgeConnect (paper size) inference latency on CPU next to its FLOPs.
 
-    python -m bench.benchmarks.ec_latency [--size 256] [--batch 1] [--repeats 5] [--threads N]
+    python -m pipelines.benchmarks.ec_latency [--size 256] [--batch 1] [--repeats 5] [--threads N]
 
 Times each part of ``EdgeConnect.inpaint`` (scikit-image gray + Canny, G1, G2) and the whole call, as the
 median of ``--repeats`` runs after one warm-up (wall clock, and the process's CPU time summed over its threads,

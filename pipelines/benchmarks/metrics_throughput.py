@@ -1,6 +1,6 @@
 """Throughput of the batched PSNR + SSIM + MAE against scikit-image's per-image functions.
 
-    python -m bench.benchmarks.metrics_throughput [--pairs 60 --size 256 --repeats 3 --threads N --eager-only]
+    python -m pipelines.benchmarks.metrics_throughput [--pairs 60 --size 256 --repeats 3 --threads N --eager-only]
 
 Every side scores the same seeded uint8 pairs. The main workload is what the harness scores: a
 photograph-like ground truth and its composite, which differs from it only inside a free-form hole

@@ -1,7 +1,7 @@
 """The harness's own cost per evaluated pair, and how well one cell's evaluation spreads over CPUs.
 
-    python -m bench.benchmarks.eval_throughput                      # 16 photos × 6 bins = 96 pairs at 256²
-    python -m bench.benchmarks.eval_throughput --images 32 --shards 2
+    python -m pipelines.benchmarks.eval_throughput                      # 16 photos × 6 bins = 96 pairs at 256²
+    python -m pipelines.benchmarks.eval_throughput --images 32 --shards 2
 
 A method that returns its input (``bench.plan.InputReturned``) is evaluated on synthetic 256² JPEG photos
 with six free-form masks each, so everything timed is the harness: decode, mask, composite, quantise,
@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from bench import distributed
-from bench.benchmarks.ray_efficiency import machine_efficiency
+from pipelines.benchmarks.ray_efficiency import machine_efficiency
 from bench.cell import CellSpec, run_cell
 from bench.config import BenchmarkConfig, DataConfig, ResourceConfig, TrackingConfig
 from bench.datasets import load_image_set

@@ -1,6 +1,6 @@
 """Training steps per second of a method with 0 and N data workers, and whether the losses are the same.
 
-    python -m bench.benchmarks.train_throughput [--method ec_tiny] [--size 64] [--batch-size 8] [--steps 12]
+    python -m pipelines.benchmarks.train_throughput [--method ec_tiny] [--size 64] [--batch-size 8] [--steps 12]
                                                 [--workers 0 2] [--precision fp32] [--device cpu] [--threads N]
 
 Trains a fresh, identically seeded method once per worker count on the embedded ``faces`` suite through

@@ -1,7 +1,7 @@
 """SAHN against its ancestor SPN at the paper's size: CPU latency ratio beside FLOP ratio.
 
-    python -m bench.benchmarks.sahn_vs_spn_latency [--size 256] [--batch 1] [--repeats 7] [--threads N]
-    python -m bench.benchmarks.sahn_vs_spn_latency --set sahn_paper deform_kernel=gather   # the old inference path
+    python -m pipelines.benchmarks.sahn_vs_spn_latency [--size 256] [--batch 1] [--repeats 7] [--threads N]
+    python -m pipelines.benchmarks.sahn_vs_spn_latency --set sahn_paper deform_inference=gather  # the old inference path
 
 Times ``inpaint`` of two registered methods (default ``sahn_paper`` and ``spn``) on the same photograph
 (scikit-image's astronaut, a centred square hole of a quarter of the image), and prints each one's median
@@ -63,7 +63,7 @@ def photo_batch(size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def parse_value(text: str) -> Any:
-    """``deform_kernel=gather`` → "gather", ``alpha=0.4`` → 0.4, ``use_msf=false`` → False."""
+    """``deform_inference=gather`` → "gather", ``alpha=0.4`` → 0.4, ``use_msf=false`` → False."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs=2, default=["sahn_paper", "spn"], metavar=("A", "B"),
                         help="the two registered methods to compare; ratios are A / B (default sahn_paper spn)")
     parser.add_argument("--set", nargs="+", action="append", default=[], metavar=("METHOD", "KEY=VALUE"),
-                        help="config overrides for one method, e.g. --set sahn_paper deform_kernel=gather")
+                        help="config overrides for one method, e.g. --set sahn_paper deform_inference=gather")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per method; medians are printed")
