@@ -200,12 +200,11 @@ class WrappedNetworks:
     def __init__(self, method: nn.Module, device: torch.device, *, sync_batch_norm: bool = True):
         self.method = method
         self.originals: dict[str, nn.Module] = {}
-        self.synchronised_batch_norms = 0
         for name, network in method.networks().items():
             if not any(parameter.requires_grad for parameter in network.parameters()):
                 continue  # frozen: a teacher or a perceptual network, the same on every rank
             if sync_batch_norm:
-                self.synchronised_batch_norms += synchronise_batch_norm(network, device)
+                synchronise_batch_norm(network, device)
             self.originals[name] = network
         self._wrapped = {name: ParallelNetwork(network, device_ids=[device.index] if device.type == "cuda" else None,
                                                broadcast_buffers=False)
