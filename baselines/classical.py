@@ -85,11 +85,11 @@ class DiffusionFill(ClassicalMethod):
         return filled.clamp(0, 1)
 
 
-@variant(scale="any", trainable=False)
+@variant(scale="any", trainable=False, paper_column=8)
 def biharmonic(**overrides) -> BiharmonicInpainting:
     return BiharmonicInpainting(apply_overrides(BiharmonicConfig(), overrides))
 
 
-@variant(scale="any", trainable=False)
+@variant(scale="any", trainable=False, paper_column=9)
 def diffusion_fill(**overrides) -> DiffusionFill:
     return DiffusionFill(apply_overrides(DiffusionFillConfig(), overrides))

@@ -20,10 +20,10 @@ Generator (models/generator/generator.py)
 
 Discriminator (models/discriminator/*.py)
   ``texture_branch`` and ``structure_branch`` are EdgeConnect's spectral-norm PatchGAN
-  (:class:`bench.discriminators.PatchDiscriminator`) on RGB and on [edges, gray]; ``edge_detector`` is a small
+  (:class:`bench.nn.discriminators.PatchDiscriminator`) on RGB and on [edges, gray]; ``edge_detector`` is a small
   residual CNN predicting an edge map from an RGB image. Real samples pair the image with its Canny edges,
   fake ones with the edge detector's prediction on the output. The official branches end in a sigmoid (no
-  weights); ours return logits and the real/fake terms use :mod:`bench.losses` (softplus), which equals the
+  weights); ours return logits and the real/fake terms use :mod:`bench.nn.losses` (softplus), which equals the
   official BCE on sigmoid outputs. Edge-target terms are BCE on the sigmoid outputs, as official.
 
 Inference (test.py, datasets/dataset.py, utils/canny.py)
@@ -42,7 +42,7 @@ The preprocessing quirk (``preprocessing="official"``, the default)
   network (in [0, 1], from those bytes) and the Canny edges therefore come from a wrapped, contrast-doubled
   picture. The released checkpoints were trained on it, so ``ctsdg`` reproduces it bit for bit (per image,
   on the uint8 array, as official; see :func:`official_gray_and_edges`). ``preprocessing="corrected"``
-  computes gray and edges from the image itself (:func:`bench.edges.gray_and_edges`); use it only to train
+  computes gray and edges from the image itself (:func:`bench.data.edges.gray_and_edges`); use it only to train
   from scratch: official weights expect the wrapped input.
 
 Training (trainer.py, criteria/loss.py, options/train_options.py)
@@ -86,16 +86,16 @@ from skimage.color import rgb2gray
 from skimage.feature import canny
 from torch import nn
 
-from bench.discriminators import PatchDiscriminator, init_conv_
-from bench.edges import DEFAULT_SIGMA, gray_and_edges
+from bench.nn.discriminators import PatchDiscriminator, init_conv_
+from bench.data.edges import DEFAULT_SIGMA, gray_and_edges
 from bench.errors import CheckpointError, UserError
-from bench.feature_losses import perceptual_loss, style_loss
-from bench.layers import FrozenNetworks
-from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss
-from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
-                           variant)
-from bench.pretrained import loss_network
-from bench.state_dicts import consecutive_count, is_state_dict, read_plain_checkpoint, tensor_shape
+from bench.nn.feature_losses import perceptual_loss, style_loss
+from bench.nn.layers import FrozenNetworks
+from bench.nn.losses import discriminator_adversarial_loss, generator_adversarial_loss
+from bench.methods import InpaintingMethod, apply_overrides, variant
+from bench.checkpoint_format import CheckpointInfo, load_state_dict_strict, safe_torch_load
+from bench.metrics.pretrained import loss_network
+from bench.nn.state_dicts import consecutive_count, is_state_dict, read_plain_checkpoint, tensor_shape
 
 PREPROCESSING = ("official", "corrected")
 FEATURE_NETWORKS = ("vgg16", "efficientnet_lite0")
@@ -172,7 +172,7 @@ def wrap_like_to_pil_image(images: torch.Tensor) -> torch.Tensor:
 def official_gray_and_edges(pixels: torch.Tensor, sigma: float = DEFAULT_SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B,3,H,W] → gray [B,1,H,W] (float32, [0,1]) and Canny edges (float32, 0/1), per image exactly as
     ``image_to_edge``: ``rgb2gray`` of the uint8 H×W×3 array, ``canny(gray, sigma)`` on its float64 result,
-    the gray image cast to float32. (The batched :func:`bench.edges.gray_and_edges` works on float input and
+    the gray image cast to float32. (The batched :func:`bench.data.edges.gray_and_edges` works on float input and
     can differ in the last bit, which may flip a Canny pixel at a threshold; hence the per-image path.)"""
     grays, edges = [], []
     for image in pixels.detach().cpu().permute(0, 2, 3, 1).numpy():
@@ -798,7 +798,7 @@ TINY = CTSDGConfig(encoder_channels=(16, 32, 64, 64, 64), encoder_kernels=(7, 5,
 VARIANT_CONFIGS = {"ctsdg": CTSDGConfig(), "ctsdg_tiny": TINY}
 
 
-@variant(scale="paper", paper_name="CTSDG", method_class=CTSDG)
+@variant(scale="paper", paper_name="CTSDG", method_class=CTSDG, paper_column=3)
 def ctsdg(**overrides: Any) -> CTSDG:
     """The official sizes: generator 52,147,789 and discriminator 5,531,729 parameters; official preprocessing."""
     return CTSDG(apply_overrides(CTSDGConfig(), overrides))

@@ -1,7 +1,7 @@
 """DDNM (Wang, Yu & Zhang, ICLR 2023): zero-shot inpainting with a pretrained DDPM's null-space correction.
 
 Written from the facts of the official code (wyhuai/DDNM @00b58ea: ``functions/svd_ddnm.py``,
-``guided_diffusion/diffusion.py``, ``configs/celeba_hq.yml``); see /work/shared/docs/baselines.md.
+``guided_diffusion/diffusion.py``, ``configs/celeba_hq.yml``); see docs/official-sources.md.
 
 The sampler (:func:`ddnm_sample`) is a pure function of a noise-prediction network ``eps_fn(x_t, t)``,
 the known pixels ``y`` and their mask (1 = known, DDNM's convention), so it runs over any DDPM with the
@@ -55,11 +55,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.errors import CheckpointError, NotTrainable, UserError, WeightsUnavailable
-from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
-                           variant)
+from bench.methods import InpaintingMethod, apply_overrides, variant
+from bench.checkpoint_format import CheckpointInfo, load_state_dict_strict, safe_torch_load
 from bench.devices import network_chunk
-from bench.state_dicts import consecutive_count, read_plain_checkpoint, tensor_shape
-from bench.weights import resolve_weights
+from bench.nn.state_dicts import consecutive_count, read_plain_checkpoint, tensor_shape
+from bench.metrics.pretrained_registry import resolve_weights
 
 from baselines.ddnm_unet import OFFICIAL_NORM_GROUPS, GuidedUNet, SimpleUNet
 
@@ -68,7 +68,7 @@ Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 SOLVERS = ("svd", "simplified")
 PRIOR_CHOICES = ("auto", "official", "none")
 NETWORKS = ("simple", "guided")
-#: weights registry keys of the checkpoints the official DDNM downloads: SDEdit's CelebA-HQ DDPM and
+#: pretrained-network registry keys of the checkpoints the official DDNM downloads: SDEdit's CelebA-HQ DDPM and
 #: openai/guided-diffusion's unconditional ImageNet 256² model
 CELEBA_HQ_WEIGHTS = "ddnm_celeba_hq"
 IMAGENET_WEIGHTS = "ddnm_imagenet256_uncond"
@@ -426,7 +426,7 @@ class DDNMConfig:
     ema_decay: float = 0.999
     # prior: auto = the official checkpoint if it is on disk, else train here; official = required; none
     prior: str = "auto"
-    weights_key: str = CELEBA_HQ_WEIGHTS  # bench.weights registry key of the official checkpoint
+    weights_key: str = CELEBA_HQ_WEIGHTS  # bench.metrics.pretrained_registry registry key of the official checkpoint
     weights_path: str | None = None
 
 
@@ -716,7 +716,7 @@ def _build(name: str, base: DDNMConfig, overrides: dict[str, Any]) -> DDNM:
     return method
 
 
-@variant(scale="paper", paper_name="DDNM", method_class=DDNM)
+@variant(scale="paper", paper_name="DDNM", method_class=DDNM, paper_column=7)
 def ddnm(**overrides: Any) -> DDNM:
     """The official CelebA-HQ configuration: 256², U-Net 113,673,219 parameters, 100 steps, η 0.85.
 

@@ -8,7 +8,7 @@ Networks
   G1 ``EdgeGenerator`` and G2 ``InpaintGenerator`` share one layout: ReflPad(3)+conv7 → two stride-2 conv4
   → residual blocks (dilation 2, InstanceNorm) → two stride-2 transposed conv4 → ReflPad(3)+conv7.
   G1: 3 input channels, spectral norm (hook-based, official key names), sigmoid. G2: 4 input channels, no
-  spectral norm, (tanh + 1) / 2. Discriminators: :class:`bench.discriminators.PatchDiscriminator` on
+  spectral norm, (tanh + 1) / 2. Discriminators: :class:`bench.nn.discriminators.PatchDiscriminator` on
   [gray, edges] (D1) and RGB (D2).
 
 Inference (``inpaint``; official test path, src/edge_connect.py ``test`` + src/dataset.py in test mode)
@@ -21,7 +21,7 @@ Training (``train_step``; src/models.py ``process``/``backward``, src/edge_conne
   Ground-truth edges are Canny on the whole image (the official training dataset passes no mask).
   - edge model: D1 nsgan on [gray, edges] vs [gray, G1 output]; G1: adversarial + 10 × feature matching
     (L1 between D1's five activations on fake and real). nsgan is written on logits
-    (:mod:`bench.losses`, softplus), which equals the official BCE on sigmoid outputs; the
+    (:mod:`bench.nn.losses`, softplus), which equals the official BCE on sigmoid outputs; the
     discriminators therefore run without their final sigmoid (it has no weights: same state_dict).
   - inpaint model: D2 nsgan on RGB; G2: 0.1 × adversarial + L1 ÷ mean(mask) + 0.1 × perceptual
     (VGG19 relu1_1…relu5_1, L1) + 250 × style (Gram of relu2_2, relu3_4, relu4_4, relu5_2 on the
@@ -61,16 +61,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.discriminators import PatchDiscriminator, init_conv_, maybe_spectral_norm
-from bench.edges import DEFAULT_SIGMA, gray_and_edges
+from bench.run.data_parallel import whole_batch_normaliser
+from bench.nn.discriminators import PatchDiscriminator, init_conv_, maybe_spectral_norm
+from bench.data.edges import DEFAULT_SIGMA, gray_and_edges
 from bench.errors import CheckpointError, UserError
-from bench.feature_losses import perceptual_loss, style_loss
-from bench.layers import FrozenNetworks
-from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss
-from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
-                           variant)
-from bench.pretrained import loss_network
-from bench.state_dicts import consecutive_count, tensor_shape, without_prefix
+from bench.nn.feature_losses import perceptual_loss, style_loss
+from bench.nn.layers import FrozenNetworks
+from bench.nn.losses import discriminator_adversarial_loss, generator_adversarial_loss
+from bench.methods import InpaintingMethod, apply_overrides, variant
+from bench.checkpoint_format import CheckpointInfo, load_state_dict_strict, safe_torch_load
+from bench.metrics.pretrained import loss_network
+from bench.nn.state_dicts import consecutive_count, tensor_shape, without_prefix
 
 STAGES = ("edge", "inpaint", "edge_inpaint", "joint")
 FEATURE_NETWORKS = ("vgg19", "efficientnet_lite0")
@@ -378,7 +379,8 @@ class EdgeConnect(FrozenNetworks, InpaintingMethod):
         return {
             "inpaint_d": d_loss,
             "inpaint_g_adv": generator_adversarial_loss(fake_logits) * config.inpaint_adv_weight,
-            "inpaint_g_l1": F.l1_loss(predicted, images) * config.l1_weight / masks.mean(),
+            # the official normaliser, the batch's hole fraction: the whole global batch's with several workers
+            "inpaint_g_l1": F.l1_loss(predicted, images) * config.l1_weight / whole_batch_normaliser(masks.mean()),
             "inpaint_g_perceptual": perceptual * config.content_weight,
             "inpaint_g_style": style * config.style_weight,
         }
@@ -532,7 +534,7 @@ TINY = EdgeConnectConfig(base_channels=16, residual_blocks=2, discriminator_chan
 VARIANT_CONFIGS = {"ec": EdgeConnectConfig(), "ec_tiny": TINY}
 
 
-@variant(scale="paper", paper_name="EC", method_class=EdgeConnect)
+@variant(scale="paper", paper_name="EC", method_class=EdgeConnect, paper_column=2)
 def ec(**overrides: Any) -> EdgeConnect:
     """The official sizes: G1 10,761,089, G2 10,774,595, D1 2,762,752, D2 2,763,776 parameters."""
     return EdgeConnect(apply_overrides(EdgeConnectConfig(), overrides))

@@ -1,7 +1,7 @@
 """LaMa (Suvorov et al., WACV 2022) behind the harness's method interface.
 
-Written from the facts of the official code (advimman/lama @786f593, see docs in
-/work/shared/docs/baselines.md); module and attribute names follow the official ones so that the
+Written from the facts of the official code (advimman/lama @786f593, see
+docs/official-sources.md); module and attribute names follow the official ones so that the
 official state_dict keys (``generator.model.5.conv1.ffc.convg2g.fu.conv_layer.weight``, ...,
 ``discriminator.model0.0.weight``, ...) map 1:1 onto this module's keys.
 
@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
+from bench.run.data_parallel import whole_batch_normaliser
 from bench.errors import CheckpointError, UserError, WeightsUnavailable
-from bench.weights import resolve_weights
-from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict,
-                           safe_torch_load, variant)
-from bench.state_dicts import consecutive_count, pickled_globals, tensor_shape
+from bench.metrics.pretrained_registry import resolve_weights
+from bench.methods import InpaintingMethod, apply_overrides, variant
+from bench.checkpoint_format import CheckpointInfo, load_state_dict_strict, safe_torch_load
+from bench.nn.state_dicts import consecutive_count, pickled_globals, tensor_shape
 
 #: generator output channels / input channels (masked RGB + mask), as configs/training/generator/*.yaml
 OUTPUT_CHANNELS = 3
@@ -315,9 +316,21 @@ def feature_matching_loss(fake_features: Sequence[torch.Tensor], real_features: 
     return torch.stack([F.mse_loss(fake, real) for fake, real in zip(fake_features, real_features)]).mean()
 
 
-def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
-    """Squared gradient norm of the discriminator on real images, per sample, averaged."""
-    (gradient,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Squared gradient norm of the discriminator on real images, per sample, averaged. With the fp16 loss
+    ``scaler`` the gradient is taken of the scaled logits and divided by the same scale, as torch's AMP notes do
+    for gradient penalties: unscaled, the fp16 backward flushes small gradients to zero. A gradient the scale
+    overflows makes the penalty non-finite, so the discriminator's gradients are too and the scaler skips the
+    step and lowers its scale, as for any overflow."""
+    if scaler is None:
+        (gradient,) = torch.autograd.grad(real_logits.sum(), real_images, create_graph=True)
+    else:
+        # the scale as a tensor on the device: GradScaler.get_scale() would wait for the device every step
+        scale = scaler.scale(torch.ones((), device=real_logits.device))
+        # summed in float32: the scale itself (2^16 at first) is beyond fp16's range
+        (scaled,) = torch.autograd.grad(real_logits.float().sum() * scale, real_images, create_graph=True)
+        gradient = scaled / scale
     return gradient.flatten(1).norm(2, dim=1).pow(2).mean()
 
 
@@ -335,9 +348,10 @@ class FeaturePerceptualLoss(nn.Module):
     """Σ over feature maps of MSE(features(pred), features(target)) × weight, with a frozen network.
 
     ``relative=True`` divides each map's MSE by the target map's mean square (a per-batch constant, no
-    gradient). The official HRFPL is a plain MSE of post-ReLU ResNet features; the EfficientNet-Lite0
-    substitute's block outputs carry ~100× more energy, so a plain MSE at the official weight would swamp
-    every other loss. The relative form keeps each map's term near the 0–1.5 range.
+    gradient; the whole global batch's when several workers train). The official HRFPL is a plain MSE of
+    post-ReLU ResNet features; the EfficientNet-Lite0 substitute's block outputs carry ~100× more energy, so a
+    plain MSE at the official weight would swamp every other loss. The relative form keeps each map's term near
+    the 0–1.5 range.
     """
 
     def __init__(self, network: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], weight: float,
@@ -355,7 +369,9 @@ class FeaturePerceptualLoss(nn.Module):
         losses = []
         for p, t in zip(predicted_features, target_features):
             loss = F.mse_loss(p, t)
-            losses.append(loss / t.pow(2).mean().clamp_min(1e-8) if self.relative else loss)
+            if self.relative:  # the target's energy: the whole global batch's when several workers train
+                loss = loss / whole_batch_normaliser(t.pow(2).mean()).clamp_min(1e-8)
+            losses.append(loss)
         return torch.stack(losses).sum() * self.weight
 
 
@@ -623,7 +639,7 @@ class LaMa(InpaintingMethod):
             if kind == "ade20k_resnet50dilated":
                 network, normalize = load_ade20k_encoder(path), imagenet_normalize
             else:
-                from bench.pretrained import efficientnet_lite0_features, lite0_normalize  # timm import is slow
+                from bench.metrics.pretrained import efficientnet_lite0_features, lite0_normalize  # timm import is slow
                 network, _ = efficientnet_lite0_features((1, 2, 3, 4), path)
                 normalize = lite0_normalize
             self._loss_networks["perceptual"] = FeaturePerceptualLoss(
@@ -671,11 +687,22 @@ class LaMa(InpaintingMethod):
                              predicted: torch.Tensor) -> dict[str, torch.Tensor]:
         reals = images.detach().requires_grad_(True)
         real_logits, _ = self.discriminator(reals)
-        gp = r1_penalty(real_logits, reals) * self.config.r1_gp_coef
+        gp = r1_penalty(real_logits, reals, self.grad_scaler) * self.config.r1_gp_coef
         fake_logits, _ = self.discriminator(predicted.detach())
         total = discriminator_adversarial_loss(real_logits, fake_logits, masks, gp, self.config.mask_as_fake_target)
-        return {"discr_adv": total, "discr_real_gp": gp.detach(),
-                "discr_real_out": real_logits.detach().mean(), "discr_fake_out": fake_logits.detach().mean()}
+        losses = {"discr_adv": total, "discr_real_gp": gp.detach(),
+                  "discr_real_out": real_logits.detach().mean(), "discr_fake_out": fake_logits.detach().mean()}
+        if self.grad_scaler is not None:
+            # A step whose scaled R1 gradient overflowed is skipped by the scaler, not a diverged one: its reported
+            # losses leave out the penalty it could not compute (the backward pass still takes the non-finite one,
+            # which is what makes the scaler skip), and discr_r1_overflow says which steps those were.
+            overflowed = ~torch.isfinite(gp.detach())
+            without_gp = discriminator_adversarial_loss(real_logits.detach(), fake_logits.detach(), masks,
+                                                        torch.zeros_like(gp.detach()), self.config.mask_as_fake_target)
+            losses["discr_adv_reported"] = torch.where(overflowed, without_gp, total.detach())
+            losses["discr_real_gp"] = torch.where(overflowed, torch.zeros_like(gp.detach()), gp.detach())
+            losses["discr_r1_overflow"] = overflowed.float()
+        return losses
 
     def _optimize(self, key: str, network: nn.Module, loss: torch.Tensor) -> None:
         self.optimizers[key].zero_grad(set_to_none=True)
@@ -709,7 +736,10 @@ class LaMa(InpaintingMethod):
         self._optimize("discriminator", self.discriminator, discriminator_losses["discr_adv"])
         _set_requires_grad(self.generator, True)
 
-        return {key: value.detach() for key, value in {**generator_losses, **discriminator_losses}.items()}
+        reported = {**generator_losses, **discriminator_losses}
+        if "discr_adv_reported" in reported:  # fp16: the discriminator's loss without a penalty that overflowed
+            reported["discr_adv"] = reported.pop("discr_adv_reported")
+        return {key: value.detach() for key, value in reported.items()}
 
     # ----------------------------------------------------------------- checkpoints
     @classmethod
@@ -803,7 +833,7 @@ def lama_tiny(**overrides: Any) -> LaMa:
     return _build("lama_tiny", TINY, overrides)
 
 
-@variant(scale="paper", paper_name="LaMa-Fourier", method_class=LaMa)
+@variant(scale="paper", paper_name="LaMa-Fourier", method_class=LaMa, paper_column=6)
 def lama_fourier(**overrides: Any) -> LaMa:
     """configs/training/lama-fourier.yaml: 9 FFC blocks, generator 27,048,835 parameters."""
     return _build("lama_fourier", LamaConfig(), overrides)

@@ -20,10 +20,10 @@ Generators (images [0,1], mask 1 = hole)
   decoder         SPL: conv → PixelShuffle → RN_L (learnable region norm, threshold 0.8) → ReLU, twice;
                   SPN: nearest ×2 → SPADE-MaskG block (layout at H/2), nearest ×2 → SPADE-MaskG block
                   (layout at H) → LeakyReLU 0.2. Both end with ReflPad 3 + conv7 → (tanh + 1) / 2.
-  Discriminator   EdgeConnect's spectral-norm PatchGAN (:class:`bench.discriminators.PatchDiscriminator`).
+  Discriminator   EdgeConnect's spectral-norm PatchGAN (:class:`bench.nn.discriminators.PatchDiscriminator`).
 
 Teacher (training only)
-  The frozen :mod:`bench.teacher` shared with SAHN, fed the full image bilinearly upsampled ×2 (the official
+  The frozen :mod:`bench.nn.teacher` shared with SAHN, fed the full image bilinearly upsampled ×2 (the official
   dataset resizes the original file to 512²): ASL TResNet-L truncated after layer2 (``teacher="tresnet_l"``,
   the paper's; SPL reads layer2, SPN conv1/layer1/layer2), or offline the pretrained EfficientNet-Lite0 at
   strides 2/4/8 (``"efficientnet_lite0"``, the default, recorded in ``substitutions``). The 1×1 prior heads
@@ -59,14 +59,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.discriminators import PatchDiscriminator
+from bench.nn.discriminators import PatchDiscriminator
 from bench.errors import CheckpointError, UserError
-from bench.layers import FrozenNetworks
-from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss, hole_weighted_l1
-from bench.methods import (CheckpointInfo, InpaintingMethod, apply_overrides, load_state_dict_strict, safe_torch_load,
-                           variant)
-from bench.state_dicts import consecutive_count, is_state_dict, read_plain_checkpoint, tensor_shape
-from bench.teacher import PAPER_TEACHER, TEACHER_NAMES, SemanticTeacher, create_teacher, substitution_note
+from bench.nn.layers import FrozenNetworks
+from bench.nn.losses import discriminator_adversarial_loss, generator_adversarial_loss, hole_weighted_l1
+from bench.methods import InpaintingMethod, apply_overrides, variant
+from bench.checkpoint_format import CheckpointInfo, load_state_dict_strict, safe_torch_load
+from bench.nn.state_dicts import consecutive_count, is_state_dict, read_plain_checkpoint, tensor_shape
+from bench.nn.teacher import PAPER_TEACHER, TEACHER_NAMES, SemanticTeacher, create_teacher, substitution_note
 
 #: channels of the teacher maps each method's prior heads predict (finest first), per teacher
 TEACHER_CHANNELS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -799,7 +799,7 @@ def _build(cls: type[SemanticPriorInpainting], name: str, base: dict[str, Any],
     return method
 
 
-@variant(scale="paper", paper_name="SPL", method_class=SPL)
+@variant(scale="paper", paper_name="SPL", method_class=SPL, paper_column=4)
 def spl(**overrides: Any) -> SPL:
     """Official sizes: generator 45,597,223 parameters with the TResNet-L heads, discriminator 2,763,776."""
     return _build(SPL, "spl", {}, overrides)
@@ -811,7 +811,7 @@ def spl_tiny(**overrides: Any) -> SPL:
     return _build(SPL, "spl_tiny", TINY, overrides)
 
 
-@variant(scale="paper", paper_name="SPN", method_class=SPN)
+@variant(scale="paper", paper_name="SPN", method_class=SPN, paper_column=5)
 def spn(**overrides: Any) -> SPN:
     """Official sizes: generator 50,702,643 parameters with the TResNet-L heads, discriminator 2,763,776."""
     return _build(SPN, "spn", {}, overrides)

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.masks import RATIO_BINS, bin_label
+from bench.data.masks import RATIO_BINS, bin_label
 
 SIX_BINS = tuple(bin_label(lo, hi) for lo, hi in RATIO_BINS)
 
@@ -59,7 +59,9 @@ class ResourceConfig:
 
     device: str = "auto"  # auto (CPU unless --gpus-per-cell > 0, then the cell's GPU), cpu, cuda, cuda:N (N-th own GPU)
     cpus_per_cell: float = 1.0  # Ray CPU request per cell
-    gpus_per_cell: float = 0.0  # Ray GPU request per cell (fractional allowed)
+    # Ray GPU request per cell. A fraction shares a GPU: the cell's CUDA allocator is capped at that share of the
+    # GPU's memory less 512 MiB for its process's CUDA context, which the allocator's cap does not count.
+    gpus_per_cell: float = 0.0
     ray_address: str | None = None  # existing Ray cluster (or env RAY_ADDRESS); default: a local cluster
     serial: bool = False  # run cells in this process without Ray (debugging)
     # CUDA: deterministic cuDNN/torch algorithms (ops without one warn); slower, recorded per cell
@@ -67,6 +69,10 @@ class ResourceConfig:
     # Arithmetic of the methods' networks: fp32 (reproduction), or bf16 / fp16 under torch.autocast (fp16 training
     # adds a grad scaler). Metric networks always run in full fp32. Recorded per cell.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # CUDA: float32 matmuls and convolutions of the methods' networks (training and inpainting) as TF32 (on: about
+    # 3 decimal digits, faster on Ampere and later) or in exact float32 (off). Metric networks always run exact.
+    # Recorded per CUDA cell; no effect on the CPU.
+    tf32: Literal["off", "on"] = "off"
     # Memory layout of the methods' networks and inputs. auto = channels_last on CUDA at bf16/fp16, where tensor
     # cores want NHWC and it helps; contiguous otherwise, so fp32 reproduction and every CPU run keep their numbers
     # exactly. Recorded per cell.
@@ -94,7 +100,9 @@ class BenchmarkConfig:
 
     out: str = "results"  # output folder (per-image CSVs, composites, report, MLflow store)
     scale: Literal["tiny", "paper"] = "tiny"  # which registered variants to run when --methods is empty
-    methods: list[str] = field(default_factory=list)  # method names (empty = every variant of --scale)
+    # Method names, or tag:NAME for the variants carrying a registry tag in its order (tag:paper_column = the
+    # paper's columns, bench.methods.TAGS); empty = every variant of --scale.
+    methods: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])  # one cell per method × dataset × seed
     eval_batch_size: int = 16  # pairs per inference batch
     # Pairs per evaluation shard (rounded up to a multiple of --eval-batch-size): a cell's pairs are split into
@@ -102,11 +110,15 @@ class BenchmarkConfig:
     # piece. 0 = automatic: split only when the cluster has more cell slots than the cells fill, never below
     # 1000 pairs per shard (so small cells stay whole).
     eval_shard_pairs: int = 0
-    save_images: bool = True  # write the scored composites as PNG beside per_image.csv
+    # Which scored composites are written as PNG to <cell>/images/: all; sample = a fixed, seeded set per ratio bin
+    # (bench.run.evaluate.SAMPLED_PER_BIN, the same pairs for every method: what the qualitative figures, MLflow's
+    # samples.png and a reviewer need); none. Every per_image.csv row carries its composite's digest either way.
+    # true/false of earlier configs mean all/none.
+    save_images: Literal["all", "sample", "none"] | bool = "all"
     inception_weights: str | None = None  # explicit pt_inception-2015-12-05 file for FID
     lpips_weights: str | None = None  # explicit AlexNet trunk file for LPIPS
     # CPU: score PSNR/SSIM/MAE with one torch.compile'd kernel per image size: several times faster after
-    # a one-time compile (3-6 s; 18 s the first time on a machine), worth it from a few thousand pairs;
+    # a one-time compile (times in docs/measurements.md), worth it on large sets of pairs;
     # SSIM differs from the eager path's by float32 round-off (within 1e-5), PSNR and MAE not at all.
     compile_metrics: bool = False
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +140,9 @@ class BenchmarkConfig:
     # --plan: per-pair inpainting latencies from this efficiency results folder (pipelines.efficiency's
     # efficiency.csv) instead of timing each method on a few pairs on this machine.
     plan_latency_from: str | None = None
+    # --plan: training seconds per step from this CSV (method,step_seconds[,image_size,batch_size]; a plan writes its
+    # timed steps to <out>/plan_train.csv in that format) instead of timing a few real steps on this machine.
+    plan_train_from: str | None = None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -35,6 +35,12 @@ CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 DETERMINISTIC_CUBLAS_WORKSPACE = ":4096:8"
 #: how metric networks run (:func:`full_fp32`); part of the key of cached ground-truth features
 METRIC_PRECISION = "float32 (no TF32)"
+#: memory a process's CUDA context takes outside the caching allocator (about half a GiB once cuDNN and cuBLAS
+#: are loaded; it varies with the GPU and the libraries): a cell on a fraction of a GPU leaves it out of its
+#: allocator's share
+CUDA_CONTEXT_RESERVE_BYTES = 512 * 2**20
+#: values of ``--tf32``: whether a CUDA cell's float32 matmuls and convolutions may run as TF32 (``off``: exact fp32)
+TF32_CHOICES = ("off", "on")
 #: values of ``--memory-format`` (:func:`resolve_memory_format` turns ``auto`` into one of the other two)
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
@@ -210,17 +216,31 @@ def device_record(device: torch.device, *, gpus_per_cell: float, deterministic: 
 
 
 # ----------------------------------------------------------------------------- settings
+def allocator_fraction(share: float, total_bytes: int, gpus_per_cell: float) -> float:
+    """The fraction of a GPU's memory a cell's CUDA allocator may hold so that the cell's whole process stays
+    within its ``share``: the allocator's cap leaves out the process's CUDA context (kernels, cuBLAS and cuDNN
+    handles), which every process sharing the GPU pays on top, so that reserve is taken off the share."""
+    usable = share * total_bytes - CUDA_CONTEXT_RESERVE_BYTES
+    if usable <= 0:
+        raise UserError(f"--gpus-per-cell {gpus_per_cell:g}: a {share:g} share of this GPU's "
+                        f"{total_bytes / 2**30:.1f} GiB leaves nothing beside the "
+                        f"{CUDA_CONTEXT_RESERVE_BYTES / 2**30:.1f} GiB CUDA context each process needs; raise it")
+    return usable / total_bytes
+
+
 @contextlib.contextmanager
 def gpu_memory_cap(device: torch.device, gpus_per_cell: float) -> Iterator[float | None]:
-    """Cap this process's CUDA allocator at the cell's share of a shared GPU, so one cell cannot take
-    the memory its neighbours were promised; the cap is lifted afterwards (``--serial`` runs go on)."""
+    """Cap this process's CUDA allocator so that the process, its CUDA context included, fits the cell's share of
+    a shared GPU: one cell cannot take the memory its neighbours were promised. Yields the allocator's fraction;
+    the cap is lifted afterwards (``--serial`` runs go on)."""
     share = memory_share(device, gpus_per_cell)
     if share is None:
         yield None
         return
-    torch.cuda.set_per_process_memory_fraction(share, device)
+    fraction = allocator_fraction(share, torch.cuda.get_device_properties(device).total_memory, gpus_per_cell)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
     try:
-        yield share
+        yield fraction
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
 
@@ -259,22 +279,66 @@ def _precision_settings() -> tuple[Any, ...]:
     return backends, backends.cuda.matmul, backends.cudnn, backends.cudnn.conv, backends.cudnn.rnn
 
 
+def _operation_settings() -> dict[str, Any]:
+    """The per-operation float32 settings of CUDA: what cuBLAS matmuls, cuDNN convolutions and cuDNN RNNs run
+    as. Setting all three explicitly, and nothing else, keeps torch's legacy ``allow_tf32`` flags readable."""
+    backends = torch.backends
+    return {"matmul": backends.cuda.matmul, "conv": backends.cudnn.conv, "rnn": backends.cudnn.rnn}
+
+
+def tf32_enabled(value: Any) -> bool:
+    """``--tf32`` as a bool. YAML reads a bare ``on``/``off`` as a boolean, so both spellings are accepted."""
+    if value is True or value == "on":
+        return True
+    if value is False or value == "off":
+        return False
+    raise UserError(f"--tf32 {value!r}: choose {' or '.join(TF32_CHOICES)}")
+
+
+def tf32_state() -> str:
+    """``on`` or ``off``: whether CUDA float32 matmuls, convolutions and RNNs run as TF32 now, read back from
+    torch's per-operation settings; ``mixed (...)`` naming each when they disagree. Touches no CUDA API."""
+    backends = torch.backends
+    parents = {"matmul": (backends.cudnn, backends), "conv": (backends.cudnn, backends),
+               "rnn": (backends.cudnn, backends)}
+    effective = {}
+    for operation, setting in _operation_settings().items():
+        value = setting.fp32_precision
+        for parent in parents[operation]:  # "none" defers to the backend's, then the global setting
+            value = parent.fp32_precision if value == "none" else value
+        effective[operation] = value
+    values = set(effective.values())
+    if values == {"tf32"}:
+        return "on"
+    if values == {"ieee"}:
+        return "off"
+    return "mixed (" + ", ".join(f"{operation} {value}" for operation, value in effective.items()) + ")"
+
+
 @contextlib.contextmanager
-def full_fp32(device: torch.device | None) -> Iterator[None]:
-    """float32 matmuls and convolutions in full precision on CUDA for the duration. torch runs float32
-    convolutions as TF32 on Ampere and later GPUs by default, which would make a metric network's
-    features differ from the CPU's. TF32 is turned off with torch's long-standing flags, and the previous
-    state is put back through its finer per-operation settings, which read without error whichever API
-    set them. On other devices there is no TF32 and nothing changes."""
+def cuda_tf32(device: torch.device | None, enabled: bool) -> Iterator[str | None]:
+    """For the duration, CUDA float32 matmuls, cuDNN convolutions and RNNs run as TF32 (``enabled``) or in full
+    IEEE float32, through torch's ``fp32_precision`` settings alone (mixing them with the legacy ``allow_tf32``
+    flags makes torch refuse to read the flags afterwards); every setting is put back exactly as it was. Yields
+    the state read back (:func:`tf32_state`). On other devices there is no TF32: nothing changes, it yields None."""
     if device is None or device.type != "cuda":
-        yield
+        yield None
         return
     settings = _precision_settings()
     previous = [setting.fp32_precision for setting in settings]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    for setting in _operation_settings().values():
+        setting.fp32_precision = "tf32" if enabled else "ieee"
     try:
-        yield
+        yield tf32_state()
     finally:
         for setting, value in zip(settings, previous):
             setting.fp32_precision = value
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device | None) -> Iterator[None]:
+    """float32 matmuls and convolutions in full precision on CUDA for the duration (:func:`cuda_tf32` off).
+    torch runs float32 convolutions as TF32 on Ampere and later GPUs by default, which would make a metric
+    network's features differ from the CPU's. On other devices there is no TF32 and nothing changes."""
+    with cuda_tf32(device, False):
+        yield

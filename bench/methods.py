@@ -6,10 +6,11 @@ Conventions (the same for every method; conversions happen inside the method):
   inpaint returns the raw prediction [B, 3, H, W] in [0, 1]; the harness composites
   ``pred * m + gt * (1 - m)`` and quantises it, so methods never do that for scoring.
 
-Methods are registered as entry points in the group ``sahn_bench.methods`` (see pyproject.toml), so a
-user's own package can add a method the same way. Each entry point names a *variant constructor*
-(timm style: ``sahn_tiny``, ``lama_fourier``) that accepts keyword overrides of the method's config
-dataclass and returns an :class:`InpaintingMethod`.
+A method's module declares its *variant constructors* (timm style: ``sahn_tiny``, ``lama_fourier``) with
+:func:`variant`; each accepts keyword overrides of the method's config dataclass and returns an
+:class:`InpaintingMethod`. One entry point per module in the group ``sahn_bench.methods`` (see pyproject.toml)
+names the module, which the registry imports the first time a method is looked up or listed; a user's own
+package adds a method the same way.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import importlib.metadata
 import os
-import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -28,10 +28,11 @@ from typing import Any, Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from bench.checkpoint_format import (CHECKPOINT_FORMAT, CheckpointInfo, atomic_torch_save, checkpoint_reads,
+                                     harness_checkpoint_info, load_state_dict_strict, safe_torch_load)
 from bench.errors import CheckpointError, NotTrainable, UserError
 
 ENTRY_POINT_GROUP = "sahn_bench.methods"
-CHECKPOINT_FORMAT = "sahn-bench/1"
 Scale = Literal["tiny", "paper", "any", "ablation"]  # "ablation": only when asked for by name
 #: the reduced precisions forward passes can run at under ``torch.autocast`` (fp32 runs without it)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -122,7 +123,7 @@ class InpaintingMethod(nn.Module):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` at the training precision on the method's device; nothing at fp32, whose path
-        stays exactly as it was. The training loop runs :meth:`train_step` inside it."""
+        is plain float32. The training loop runs :meth:`train_step` inside it."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
@@ -191,15 +192,16 @@ class InpaintingMethod(nn.Module):
         path = Path(path)
         if not path.exists():
             raise UserError(f"checkpoint not found: {path}")
-        info = type(self).inspect_checkpoint(path)
-        if info is None:
-            raise CheckpointError(not_this_method(path, self))
-        self._check_variant(info, path)
-        self.reconfigure(info.config)
-        if info.format == "harness":
-            load_state_dict_strict(self, safe_torch_load(path)["state_dict"], what=f"{path}")
-        else:
-            self.load_official(path)
+        with checkpoint_reads():  # inspection and loading share one read of each file
+            info = type(self).inspect_checkpoint(path)
+            if info is None:
+                raise CheckpointError(not_this_method(path, self))
+            self._check_variant(info, path)
+            self.reconfigure(info.config)
+            if info.format == "harness":
+                load_state_dict_strict(self, safe_torch_load(path)["state_dict"], what=f"{path}")
+            else:
+                self.load_official(path)
         if not any("discriminator" in name for name in info.networks) and any(
                 "discriminator" in name for name in self.networks()):
             warnings.warn(f"{path}: a generator-only release; the discriminator keeps its initial weights "
@@ -239,7 +241,8 @@ class InpaintingMethod(nn.Module):
 
     def reconfigure(self, values: dict[str, Any]) -> None:
         """Rebuild the networks with ``values`` replacing fields of the config (no-op when nothing changes);
-        the method keeps its registry name, device and identity (callers hold references to it)."""
+        the method keeps its registry name, device and identity (callers hold references to it). The old
+        networks are released before the new ones are built, so memory never holds both."""
         if not values or not dataclasses.is_dataclass(self.config):
             return
         current = dataclasses.asdict(self.config)
@@ -248,7 +251,14 @@ class InpaintingMethod(nn.Module):
         if not changed:
             return
         device, keep = self.device, {k: self.__dict__[k] for k in ("name", "paper_name") if k in self.__dict__}
-        fresh = type(self)(apply_overrides(self.config, changed))
+        config = apply_overrides(self.config, changed)
+        # The old networks go before the new ones are built: beside each other a paper-size method (DDNM's
+        # 552M-parameter ImageNet U-Net) would be held twice. Their weights are replaced anyway; the random
+        # stream the new ones are initialised from is the same. Should building fail, the method is left empty.
+        self.__dict__.clear()
+        nn.Module.__init__(self)
+        gc.collect()  # hooks and optimisers can hold the old modules in reference cycles
+        fresh = type(self)(config)
         self.__dict__.clear()
         self.__dict__.update(fresh.__dict__)
         self.__dict__.update(keep)
@@ -275,85 +285,7 @@ def in_memory_format(tensor: torch.Tensor, memory_format: str) -> torch.Tensor:
     return tensor.contiguous(memory_format=TORCH_MEMORY_FORMATS[memory_format]) if tensor.dim() == 4 else tensor
 
 
-# --------------------------------------------------------------------- checkpoint helpers
-def safe_torch_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; ``extra_globals`` allow-lists what an official format needs."""
-    try:
-        with torch.serialization.safe_globals(list(extra_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: {unreadable_reason(exc)}") from exc
-
-
-def unreadable_reason(exc: BaseException) -> str:
-    """One line on why torch refused a file. Torch's own message is several paragraphs and suggests
-    ``weights_only=False``, which would run whatever code the file names: never pass that on."""
-    text = str(exc)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return (f"holds a pickled Python object ({found.group(1)}) that safe loading (weights_only=True) refuses; "
-                "it is not a checkpoint format sahn-bench reads — check that this is the file the authors release")
-    if ("central directory" in text or "zip archive" in text or "Invalid argument" in text
-            or isinstance(exc, (EOFError, KeyError))):
-        return "truncated or corrupted (torch cannot read it); download it again"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"cannot be loaded safely (weights_only=True): {first}"
-
-
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
-    """Strict load whose error lists missing and unexpected keys and shape mismatches in one message."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state_dict)
-                        if tuple(own[k].shape) != tuple(state_dict[k].shape))
-    if missing or unexpected or mismatched:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if mismatched:
-            parts.append("shape mismatches: " + show(
-                [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]))
-        raise CheckpointError(f"{what} does not match {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(state_dict, strict=True)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-    """What a checkpoint is, read from its files without building a network."""
-
-    variant: str  # the registered variant it loads into ("big_lama", "spl")
-    release: str  # what it is, for people ("a LaMa big-lama release (18 FFC blocks)")
-    format: Literal["official", "harness"]
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields the checkpoint decides
-    networks: tuple[str, ...] = ("generator", "discriminator")  # the networks it holds
-    files: tuple[str, ...] = ()  # for a folder release: the files read, relative to it (its digest covers these)
-
-
-def harness_checkpoint_info(payload: dict[str, Any], path: Path) -> CheckpointInfo:
-    networks = sorted({key.split(".", 1)[0] for key in payload.get("state_dict", {})})
-    return CheckpointInfo(variant=str(payload.get("method")), format="harness", config=dict(payload.get("config") or {}),
-                          release=f"a sahn-bench checkpoint of {payload.get('method')}", networks=tuple(networks))
-
-
+# --------------------------------------------------------------------- checkpoints of methods
 def not_this_method(path: Path, method: "InpaintingMethod") -> str:
     """The one-line error for a checkpoint the method cannot read, naming what it is when another method can."""
     what = f"{method.name or type(method).__name__}"
@@ -374,21 +306,22 @@ def identify_checkpoint(path: str | os.PathLike, *, quiet: bool = False) -> list
     :class:`CheckpointError` unless ``quiet``."""
     path = Path(path)
     found, seen, problems = [], set(), []
-    for name in available_methods():
-        try:
-            cls = getattr(get_factory(name), "method_class", None)
-        except Exception:  # noqa: BLE001 - a broken plugin cannot claim a checkpoint
-            continue
-        if cls is None or cls in seen:
-            continue
-        seen.add(cls)
-        try:
-            info = cls.inspect_checkpoint(path)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            continue
-        if info is not None and info not in found:  # every class reads a harness file the same way
-            found.append(info)
+    with checkpoint_reads():  # every class looks at the same payload: one read, not one per class
+        for name in available_methods():
+            try:
+                cls = getattr(get_factory(name), "method_class", None)
+            except Exception:  # noqa: BLE001 - a broken plugin cannot claim a checkpoint
+                continue
+            if cls is None or cls in seen:
+                continue
+            seen.add(cls)
+            try:
+                info = cls.inspect_checkpoint(path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                continue
+            if info is not None and info not in found:  # every class reads a harness file the same way
+                found.append(info)
     if not found and problems and not quiet:
         raise CheckpointError(problems[0])
     return found
@@ -406,11 +339,26 @@ def _comparable(value: Any) -> Any:
 # --------------------------------------------------------------------- registry
 MethodFactory = Callable[..., InpaintingMethod]
 _LOCAL: dict[str, MethodFactory] = {}
+# Every @variant constructor by the module that defines it. Only modules an entry point names (and their
+# submodules) reach the registry: a constructor decorated in a test or a notebook stays out of the presets
+# unless it is registered by name.
+_DECLARED: dict[str, dict[str, MethodFactory]] = {}
+#: ``--methods`` entries of the form ``tag:NAME`` select by tag instead of by name
+TAG_PREFIX = "tag:"
+#: the tags ``tag:NAME`` may name. A tag is a ``@variant`` keyword whose value is the variant's position in the
+#: selection (None = not selected): one name cannot tell apart two variants of a paper column (``ddnm`` and
+#: ``ddnm_imagenet`` both stand for DDNM), and the columns keep the order they have in the paper's tables.
+TAGS = {"paper_column": "the paper preset's columns: the seed paper's methods and the classical references"}
 
 
 def variant(scale: Scale = "any", paper_name: str | None = None, trainable: bool = True,
-            method_class: type[InpaintingMethod] | None = None) -> Callable[[MethodFactory], MethodFactory]:
-    """Mark a constructor as a variant: ``scale`` picks it for the ``default`` (tiny) or ``paper`` preset;
+            method_class: type[InpaintingMethod] | None = None,
+            paper_column: int | None = None) -> Callable[[MethodFactory], MethodFactory]:
+    """Declare a constructor as a variant named after the function. Importing its module through an entry point
+    of the ``sahn_bench.methods`` group registers it.
+
+    ``scale`` picks it for the ``default`` (tiny) or ``paper`` preset when they name no methods;
+    ``paper_column`` is its place among the columns ``tag:paper_column`` selects (the paper preset's);
     ``trainable=False`` tells pipelines, without building the method, that it needs no training data;
     ``method_class`` lets :func:`identify_checkpoint` ask the class what a checkpoint is without building one."""
 
@@ -419,6 +367,8 @@ def variant(scale: Scale = "any", paper_name: str | None = None, trainable: bool
         factory.paper_name = paper_name  # type: ignore[attr-defined]
         factory.trainable = trainable  # type: ignore[attr-defined]
         factory.method_class = method_class  # type: ignore[attr-defined]
+        factory.paper_column = paper_column  # type: ignore[attr-defined]
+        _DECLARED.setdefault(factory.__module__, {})[factory.__name__] = factory
         return factory
 
     return mark
@@ -429,14 +379,55 @@ def register_method(name: str, factory: MethodFactory) -> None:
     _LOCAL[name] = factory
 
 
+def refresh_registry() -> None:
+    """Read the installed entry points again at the next lookup (a plugin installed into a running process)."""
+    _entry_points.cache_clear()
+    _plugins.cache_clear()
+
+
 @functools.lru_cache(maxsize=1)
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def _entry_points() -> tuple[importlib.metadata.EntryPoint, ...]:
+    return tuple(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+@functools.lru_cache(maxsize=1)
+def _plugins() -> tuple[dict[str, Callable[[], MethodFactory]], dict[str, str]]:
+    """Every entry point's methods as ``{name: loader}``, and ``{entry point: why it failed to load}``.
+
+    A module entry point (``ec = "baselines.ec"``) is imported here: its variants are only known once it is. A
+    ``module:function`` entry point, the older one-line-per-variant form, names its method without an import,
+    so its module is imported only when that method is asked for."""
+    found: dict[str, tuple[str, Callable[[], MethodFactory]]] = {}
+    broken: dict[str, str] = {}
+
+    def add(name: str, source: str, loader: Callable[[], MethodFactory]) -> None:
+        if name in found and found[name][0] != source:
+            warnings.warn(f"method {name!r} is registered by both {found[name][0]} and {source}; "
+                          f"{found[name][0]} is used", stacklevel=3)
+            return
+        found.setdefault(name, (source, loader))
+
+    for entry in _entry_points():
+        if entry.attr:
+            add(entry.name, f"{entry.module}:{entry.attr}", entry.load)
+            continue
+        try:
+            importlib.import_module(entry.module)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the whole benchmark down
+            broken[entry.name] = f"{entry.value} ({type(exc).__name__}: {exc})"
+            warnings.warn(f"methods of entry point {entry.name!r} ({entry.value}) cannot be loaded and are skipped: "
+                          f"{type(exc).__name__}: {exc}", stacklevel=3)
+            continue
+        for module, declared in list(_DECLARED.items()):
+            if module == entry.module or module.startswith(entry.module + "."):
+                for name, factory in declared.items():
+                    add(name, f"{factory.__module__}:{factory.__name__}", lambda factory=factory: factory)
+    return {name: loader for name, (_, loader) in found.items()}, broken
 
 
 def available_methods(scale: Scale | None = None) -> list[str]:
     """Registered method names, optionally only those for a preset scale (``any`` counts for both)."""
-    names = sorted(set(_entry_points()) | set(_LOCAL))
+    names = sorted(set(_plugins()[0]) | set(_LOCAL))
     if scale is None:
         return names
     chosen = []
@@ -454,11 +445,53 @@ def available_methods(scale: Scale | None = None) -> list[str]:
 def get_factory(name: str) -> MethodFactory:
     if name in _LOCAL:
         return _LOCAL[name]
-    entry = _entry_points().get(name)
-    if entry is None:
+    plugins, broken = _plugins()
+    if name not in plugins:
         known = ", ".join(available_methods()) or "none (is the package installed with pip install -e .?)"
-        raise UserError(f"unknown method {name!r}; registered methods: {known}")
-    return entry.load()
+        failed = f"; entry points that failed to load: {'; '.join(broken.values())}" if broken else ""
+        hint = f" (select by tag with {TAG_PREFIX}NAME, without spaces)" if name.startswith("tag") else ""
+        raise UserError(f"unknown method {name!r}{hint}; registered methods: {known}{failed}")
+    return plugins[name]()
+
+
+def tagged_methods(tag: str) -> list[str]:
+    """The registered variants carrying ``tag`` (one of :data:`TAGS`), ordered by their positions in it."""
+    if tag not in TAGS:
+        raise UserError(f"unknown method tag {TAG_PREFIX}{tag}; tags: "
+                        + ", ".join(f"{TAG_PREFIX}{known} ({what})" for known, what in TAGS.items()))
+    positions = {}
+    for name in available_methods():
+        try:
+            position = getattr(get_factory(name), tag, None)
+        except Exception as exc:  # a broken plugin must not take the whole benchmark down
+            warnings.warn(f"method {name!r} cannot be loaded and is skipped: {exc}")
+            continue
+        if position is not None:
+            positions[name] = position
+    if not positions:
+        raise UserError(f"{TAG_PREFIX}{tag}: no registered method carries it (is the package installed with "
+                        "pip install -e .?)")
+    return sorted(positions, key=lambda name: (positions[name], name))
+
+
+def select_methods(selectors: Iterable[str], scale: Scale | None = None) -> list[str]:
+    """The method names ``--methods`` selects: each entry a name or ``tag:NAME`` (the variants carrying that
+    tag, in its order); no entries = every variant of ``scale``. A name selected twice runs once; unknown names
+    and tags are a :class:`UserError` before any work starts."""
+    chosen: list[str] = []
+    for selector in selectors:
+        if selector.startswith(TAG_PREFIX):
+            chosen += tagged_methods(selector[len(TAG_PREFIX):])
+        else:
+            get_factory(selector)
+            chosen.append(selector)
+    if not chosen and scale is not None:
+        chosen = available_methods(scale)
+    return list(dict.fromkeys(chosen))
+
+
+def has_tags(selectors: Iterable[str]) -> bool:
+    return any(selector.startswith(TAG_PREFIX) for selector in selectors)
 
 
 def create_method(name: str, **overrides: Any) -> InpaintingMethod:

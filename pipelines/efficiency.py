@@ -14,7 +14,7 @@ photograph with a seeded free-form hole in (0.2,0.3]:
   peak memory (MB)      of the first (warm-up) call: CUDA max allocated on a GPU, the peak-RSS rise on a CPU
   GFLOPs                per image, counted by torch's FlopCounterMode during that call (a lower bound)
   throughput (img/s)    --throughput-batch images per call, from --throughput-repeats timed calls
-See bench/profiling.py for exactly what each figure means.
+See bench/run/profiling.py for exactly what each figure means.
 
 Samplers with many steps (DDNM: 100 U-Net passes) are too slow to time in full on a CPU: ``step_scaling``
 (YAML or command line) runs such a method with fewer steps and multiplies latency and FLOPs by
@@ -42,14 +42,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import profiling
-from bench.cell import resolve_device
-from bench.checkpoints import PublishedWeights, absolute_weights, check_published_weights
+from bench.run import profiling
+from bench.run.cell import resolve_device
+from bench.weights import PublishedWeights, absolute_weights, check_published_weights
 from bench.cli import parse_config, run_main
 from bench.errors import UserError
-from bench.evaluate import write_csv_atomic
-from bench.masks import generate_mask_in_bin
-from bench.methods import available_methods, create_method, get_factory
+from bench.run.evaluate import write_csv_atomic
+from bench.data.masks import generate_mask_in_bin
+from bench.methods import create_method, select_methods
 
 PRESETS = Path(__file__).parent / "presets" / "efficiency"
 CSV_NAME = "efficiency.csv"
@@ -111,9 +111,7 @@ def validate(config: EfficiencyConfig) -> None:
 
 
 def resolve_methods(config: EfficiencyConfig) -> list[str]:
-    methods = list(config.methods) or available_methods(config.scale)
-    for name in methods:
-        get_factory(name)  # unknown names fail before any measurement
+    methods = select_methods(config.methods, config.scale)  # unknown names and tags fail before any measurement
     if not methods:
         raise UserError(f"no methods registered for scale {config.scale!r}")
     return methods

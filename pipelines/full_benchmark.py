@@ -26,20 +26,20 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from bench import distributed
-from bench.cell import CellSpec, parse_dataset, read_done, run_cell
-from bench.checkpoints import PublishedWeights, absolute_weights, check_published_weights
+from bench.run import distributed
+from bench.run.cell import CellSpec, parse_dataset, read_done, run_cell
+from bench.weights import PublishedWeights, absolute_weights, check_published_weights
 from bench.cli import parse_config, run_main
 from bench.config import BenchmarkConfig, to_dict
-from bench.datasets import load_image_set, write_split_manifest
-from bench.distributed import CellOutcome
-from bench.shards import cluster_slots
+from bench.data.datasets import load_image_set, write_split_manifest
+from bench.run.distributed import CellOutcome
 from bench.errors import UserError
-from bench.images import atomic_write_bytes
-from bench.manifest import MaskProtocol, build_manifest
-from bench.ray_train import training_workers, worker_resources
-from bench.methods import apply_overrides, available_methods, create_method, get_factory
-from bench.tracking import Tracker, resolve_uri
+from bench.files import atomic_write_bytes
+from bench.data.manifest import build_manifest
+from bench.run.resources import cell_threads, check_feasible, cluster_slots, torch_threads, training_workers, worker_resources
+from bench.methods import apply_overrides, create_method, get_factory, has_tags, select_methods
+from bench.run.tracking import Tracker, resolve_uri
+from pipelines.shared import absolute_dataset, absolute_path, mask_protocol
 
 PRESETS = Path(__file__).parent / "presets" / "benchmark"
 
@@ -54,12 +54,6 @@ class Plan:
     weights: dict[tuple[str, str], PublishedWeights] = field(default_factory=dict)  # (method, label) → checkpoint
 
 
-def mask_protocol(config: BenchmarkConfig) -> MaskProtocol:
-    masks = config.masks
-    return MaskProtocol(source=masks.source, preset=masks.preset, folder=masks.folder, bins=tuple(masks.bins),
-                        masks_per_bin=masks.masks_per_bin, seed=masks.seed)
-
-
 def cell_dir(out: Path, label: str, method: str, seed: int, seeds: Sequence[int]) -> Path:
     base = out / label / method
     return base if len(seeds) == 1 else base / f"seed{seed}"
@@ -68,32 +62,29 @@ def cell_dir(out: Path, label: str, method: str, seed: int, seeds: Sequence[int]
 def absolute_paths(config: BenchmarkConfig) -> BenchmarkConfig:
     """Every path in the config made absolute, so it means the same in every Ray worker (whose
     working folder may differ) and in the MLflow params."""
-    def absolute(path: str | None) -> str | None:
-        return os.path.abspath(os.path.expanduser(path)) if path else path
-
-    def entry(text: str) -> str:
-        kind, sep, root = text.partition(":")
-        return f"{kind}:{absolute(root)}" if sep and root else text
-
     replace = dataclasses.replace
-    return replace(config, out=absolute(config.out), inception_weights=absolute(config.inception_weights),
-                   lpips_weights=absolute(config.lpips_weights), weights=absolute_weights(config.weights),
-                   data=replace(config.data, datasets=[entry(e) for e in config.data.datasets],
-                                cache_dir=absolute(config.data.cache_dir)),
-                   masks=replace(config.masks, folder=absolute(config.masks.folder)))
+    return replace(config, out=absolute_path(config.out), inception_weights=absolute_path(config.inception_weights),
+                   lpips_weights=absolute_path(config.lpips_weights), weights=absolute_weights(config.weights),
+                   data=replace(config.data, datasets=[absolute_dataset(e) for e in config.data.datasets],
+                                cache_dir=absolute_path(config.data.cache_dir)),
+                   masks=replace(config.masks, folder=absolute_path(config.masks.folder)))
 
 
 def resolve_methods(config: BenchmarkConfig) -> list[str]:
-    methods = list(config.methods) or available_methods(config.scale)
-    for name in methods:
-        get_factory(name)  # unknown names fail here, before any work
+    methods = select_methods(config.methods, config.scale)  # unknown names and tags fail here, before any work
     if not methods:
         raise UserError(f"no methods registered for scale {config.scale!r}")
     return methods
 
 
+def with_method_names(config: BenchmarkConfig, methods: list[str]) -> BenchmarkConfig:
+    """The config with ``tag:`` selectors replaced by the names they select, so config.json and MLflow record
+    the methods that ran, as a list of names does."""
+    return dataclasses.replace(config, methods=list(methods)) if has_tags(config.methods) else config
+
+
 def check_weights(config: BenchmarkConfig, methods: list[str]) -> dict[tuple[str, str], PublishedWeights]:
-    """Load every published checkpoint of the run once, before anything is written (see bench.checkpoints)."""
+    """Load every published checkpoint of the run once, before anything is written (see bench.weights)."""
     if not config.weights:
         return {}
     labels = [parse_dataset(entry).label for entry in config.data.datasets]
@@ -117,6 +108,7 @@ def prepare(config: BenchmarkConfig, methods: list[str] | None = None,
     out = Path(config.out).expanduser().resolve()
     methods = methods if methods is not None else resolve_methods(config)
     weights = check_weights(config, methods) if weights is None else weights
+    config = with_method_names(config, methods)
     cells, digests = [], {}
     for entry in config.data.datasets:
         dataset = parse_dataset(entry)
@@ -132,7 +124,8 @@ def prepare(config: BenchmarkConfig, methods: list[str] | None = None,
                                   limit=config.data.test_limit, cache_dir=config.data.cache_dir)
         manifest_dir = out / dataset.label / "manifest"
         write_split_manifest(test_set, out / dataset.label / "split_test.csv")
-        digests[dataset.label] = build_manifest(test_set, mask_protocol(config), manifest_dir).verify().dataset_digest
+        manifest = build_manifest(test_set, mask_protocol(config.masks), manifest_dir)
+        digests[dataset.label] = manifest.verify().dataset_digest
         for method in methods:
             for seed in config.seeds:
                 cells.append(CellSpec(method, entry, seed, str(cell_dir(out, dataset.label, method, seed, config.seeds)),
@@ -216,7 +209,7 @@ def plan_cluster(config: BenchmarkConfig) -> tuple[int, str]:
         import torch
 
         nodes = [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
-        distributed.check_feasible(resources, nodes)
+        check_feasible(resources, nodes)
     total = {kind: sum(node.get(kind, 0.0) for node in nodes) for kind in ("CPU", "GPU")}
     where = (f"the Ray cluster at {address}" if address else "a local Ray cluster on this machine") + \
         f" ({len(nodes)} node(s), {total['CPU']:g} CPUs, {total['GPU']:g} GPUs)"
@@ -231,10 +224,11 @@ def run_plan(config: BenchmarkConfig) -> Path:
     import torch
 
     from bench import devices
-    from bench.plan import estimate, render
+    from bench.run.plan import TRAIN_CSV, estimate, render, training_timings, write_figures, write_train_timings
 
     config = absolute_paths(config)
     methods = resolve_methods(config)
+    config = with_method_names(config, methods)
     weights = check_weights(config, methods)
     slots, where = plan_cluster(config)
     plan = prepare(config, methods, weights)
@@ -246,9 +240,14 @@ def run_plan(config: BenchmarkConfig) -> Path:
         device = torch.device("cpu")
         sources.append(f"note: {exc} — timed on the CPU instead; pass --plan-latency-from an efficiency folder "
                        "measured on the cluster's GPUs")
-    with distributed.torch_threads(distributed.cell_threads(worker_resources(config.resources))):
+    with torch_threads(cell_threads(worker_resources(config.resources))):
         costs = estimate(config, plan.cells, slots, device, config.plan_latency_from,
-                         log=lambda text: print(text, flush=True))
+                         log=lambda text: print(text, flush=True), train_file=config.plan_train_from)
+    write_train_timings(plan.out / TRAIN_CSV, config, training_timings(costs))
+    if config.plan_train_from:
+        sources.append(f"training steps: from {config.plan_train_from} (methods it lacks timed on {device})")
+    else:
+        sources.append(f"training steps: timed on {device} after a warm-up step, written to {plan.out / TRAIN_CSV}")
     if config.plan_latency_from:
         sources.insert(0, f"latencies: inpaint from {Path(config.plan_latency_from) / 'efficiency.csv'} (methods it "
                           f"lacks timed on {device}); harness timed on {device} over a few pairs")
@@ -258,6 +257,7 @@ def run_plan(config: BenchmarkConfig) -> Path:
     print(text)
     path = plan.out / "plan.txt"
     atomic_write_bytes(path, (text + "\n").encode())
+    write_figures(plan.out / "plan.json", config, costs, slots)
     return path
 
 
@@ -269,6 +269,7 @@ def run_benchmark(config: BenchmarkConfig) -> Path:
         raise UserError(f"a cell trains in {training_workers(config.resources)} workers under Ray Train, which needs "
                         "Ray: drop --serial (or set --train-workers 1 and at most one GPU per cell)")
     methods = resolve_methods(config)
+    config = with_method_names(config, methods)
     weights = check_weights(config, methods)  # a bad checkpoint fails here, before anything is written
     # A bad MLflow URI or an impossible resource request fails here, before any image is read.
     tracker = Tracker.open(resolve_uri(config.tracking.mlflow_uri, config.out), config.tracking.experiment)
@@ -278,17 +279,11 @@ def run_benchmark(config: BenchmarkConfig) -> Path:
         tracker.start_benchmark(to_dict(config), plan.out)
         print(f"mlflow: experiment {tracker.experiment_name!r} in {tracker.uri}, run {tracker.parent_run_id}")
         logger = CellLogger(plan, tracker)
-        try:
+        with tracker.closing_parent_on_failure():
             run_cells(plan, logger)
             from reports.build import build_report
 
             report = build_report(plan.out)
-        except KeyboardInterrupt:
-            _close_parent(tracker, "KILLED")
-            raise
-        except BaseException:
-            _close_parent(tracker, "FAILED")
-            raise
     wall = time.perf_counter() - started
     tracker.finish_benchmark("FINISHED", metrics={**logger.counts, "wall_seconds": wall},
                              artifacts=[(report, None), (plan.out / "report", "report")])
@@ -297,13 +292,6 @@ def run_benchmark(config: BenchmarkConfig) -> Path:
     print(f"mlflow ui --backend-store-uri {tracker.uri}   # browse and compare the runs")
     print(f"wall time: {wall:.1f}s")
     return report
-
-
-def _close_parent(tracker: Tracker, status: str) -> None:
-    try:
-        tracker.finish_benchmark(status)
-    except Exception:  # noqa: BLE001 - never hide the original error behind a tracking error
-        pass
 
 
 if __name__ == "__main__":

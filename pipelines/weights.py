@@ -8,7 +8,11 @@ sha256 (for a folder release, a digest over the files the release is read from) 
 release is a file, or a folder that is one (an EdgeConnect folder, a LaMa folder with models/best.ckpt),
 reported once, never its inner files. Files that are no checkpoint get a row saying so. At the end it
 prints a ``weights:`` block mapping what loaded (method -> dataset -> path), ready to paste into a config;
-docs/checkpoints.md gives the layout the paper preset expects.
+docs/checkpoints.md gives the layout the paper preset expects. Where an author publishes no model for one of
+the paper's datasets, the block says which release serves it instead (LaMa: the CelebA-HQ model serves
+celeba, the Places model paris and places2).
+
+Each release is read once (inspection and loading share the read) and hashed once.
 
 Exit code 0 when every release loads, 1 when one does not, 2 for a missing folder.
 """
@@ -25,10 +29,11 @@ from typing import Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from bench.checkpoints import checkpoint_sha256
+from bench.weights import checkpoint_sha256
 from bench.cli import run_main
 from bench.errors import CheckpointError, UserError
-from bench.methods import CheckpointInfo, create_method, identify_checkpoint
+from bench.methods import create_method, get_factory, identify_checkpoint
+from bench.checkpoint_format import CheckpointInfo, CheckpointReads, checkpoint_reads
 
 #: dataset labels a benchmark's weights mapping uses per dataset (the paper's three datasets)
 BENCHMARK_LABELS = ("celeba", "paris", "places2")
@@ -38,6 +43,18 @@ DATASET_WORDS = (("celeba_hq", ("celeba_hq", "celebahq")), ("celeba", ("celeba",
 #: file endings of torch checkpoints: such a file that cannot be read is a failed release, not an unrelated file
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 NOT_A_CHECKPOINT = "not a checkpoint sahn-bench reads"
+#: per paper column, the releases (by guessed dataset, in order of preference) that serve one of the paper's
+#: datasets when the authors publish no model of it. LaMa publishes Places models (its general ones) and a
+#: CelebA-HQ model, no CelebA or Paris StreetView one: the faces model serves celeba, the Places model
+#: paris (street scenes, as Places' outdoor scenes), and a release whose path names no dataset is a Places one.
+STAND_INS = {column: {"celeba": ("celeba_hq", "places2", "?"), "paris": ("places2", "?"), "places2": ("?",)}
+             for column in ("LaMa-Fourier", "big-LaMa")}
+GENERATOR_ONLY_NOTE = (
+    "# loads (generator only): the release holds no discriminator weights. Evaluating needs the generator "
+    "alone,\n# so the column is the published model; fine-tuning it starts the discriminator from scratch.")
+LAMA_GENERATOR_ONLY_NOTE = (
+    "# LaMa publishes its models so: its make_checkpoint step drops discriminator.* and loss_*; to fine-tune "
+    "LaMa,\n# use the authors' big-lama-with-discr folder (docs/checkpoints.md).")
 
 
 @dataclass
@@ -51,6 +68,8 @@ class Release:
     status: str = ""
     loads: bool | None = None  # None: not a checkpoint (does not count for the exit code)
     sha256: str = "-"
+    reads: CheckpointReads | None = None  # what identifying it read, reused by check() and then dropped
+    generator_only: bool = False
 
     @property
     def dataset(self) -> str:
@@ -65,17 +84,19 @@ def guess_dataset(relative_path: str) -> str:
     return "?"
 
 
-def identify(path: Path) -> tuple[CheckpointInfo | None, str | None]:
+def identify(path: Path, reads: CheckpointReads | None = None) -> tuple[CheckpointInfo | None, str | None]:
     """What the registered methods read ``path`` as: (info, None), (None, why not), or (None, None)."""
     try:
-        found = identify_checkpoint(path)
+        with checkpoint_reads(reads):
+            found = identify_checkpoint(path)
     except CheckpointError as exc:
         return None, str(exc)
     return (found[0], None) if found else (None, None)
 
 
 def find_releases(root: Path) -> Iterator[Release]:
-    """Every release under ``root`` (a folder release is not descended into) and every other file."""
+    """Every release under ``root`` (a folder release is not descended into) and every other file, found
+    lazily: each carries what identifying it read, for :func:`check` to load from before the next is read."""
     seen: set[Path] = set()
 
     def visit(folder: Path) -> Iterator[Release]:
@@ -83,9 +104,10 @@ def find_releases(root: Path) -> Iterator[Release]:
         if real in seen:  # a symlink cycle
             return
         seen.add(real)
-        info, problem = identify(folder)
+        reads = CheckpointReads()
+        info, problem = identify(folder, reads)
         if info is not None or problem is not None:  # a folder release, or a broken one
-            yield Release(folder, relative(folder), info, problem)
+            yield Release(folder, relative(folder), info, problem, reads=reads)
             return
         for child in sorted(folder.iterdir()):
             if child.name.startswith("."):  # .DS_Store, .git, partial downloads of some tools
@@ -93,8 +115,9 @@ def find_releases(root: Path) -> Iterator[Release]:
             if child.is_dir():
                 yield from visit(child)
             elif child.is_file():
-                info, problem = identify(child)
-                yield Release(child, relative(child), info, problem)
+                reads = CheckpointReads()
+                info, problem = identify(child, reads)
+                yield Release(child, relative(child), info, problem, reads=reads)
 
     def relative(path: Path) -> str:
         return path.relative_to(root).as_posix() if path != root else "."
@@ -103,7 +126,15 @@ def find_releases(root: Path) -> Iterator[Release]:
 
 
 def check(release: Release) -> None:
-    """Fill the digest and the load result of one row."""
+    """Fill the digest and the load result of one row, loading from what identifying it read."""
+    try:
+        with checkpoint_reads(release.reads):
+            _check(release)
+    finally:
+        release.reads = None  # its payloads go now: one release in memory at a time
+
+
+def _check(release: Release) -> None:
     path, info = release.path, release.info
     if info is None and release.problem is None:
         release.status = NOT_A_CHECKPOINT
@@ -121,8 +152,8 @@ def check(release: Release) -> None:
             warnings.simplefilter("always")
             method = create_method(info.variant)
             method.load(path)
-        generator_only = any("generator-only" in str(w.message) for w in caught)
-        release.status = "loads" + (" (generator only)" if generator_only else "")
+        release.generator_only = any("generator-only" in str(w.message) for w in caught)
+        release.status = "loads" + (" (generator only)" if release.generator_only else "")
         release.loads = True
     except UserError as exc:
         release.status, release.loads = f"fails: {exc}", False
@@ -146,9 +177,20 @@ def table(releases: Sequence[Release]) -> str:
     return "\n".join(lines)
 
 
+def stand_ins(method: str) -> dict[str, tuple[str, ...]]:
+    """The releases that serve a paper dataset the method's authors publish no model of (:data:`STAND_INS`)."""
+    try:
+        column = getattr(get_factory(method), "paper_name", None)
+    except UserError:
+        return {}
+    return STAND_INS.get(column, {})
+
+
 def weights_block(releases: Sequence[Release]) -> str:
-    """The ``weights:`` YAML block for what loaded. Releases of the paper's datasets map per dataset label;
-    one of any other (a DDNM prior, big-lama) serves every dataset. Further candidates appear as comments."""
+    """The ``weights:`` YAML block for what loaded. Releases of the paper's datasets map per dataset label,
+    with the stand-ins of :data:`STAND_INS` (named in a comment) where the authors publish no model of one;
+    a method with none of them (a DDNM prior, big-lama in a folder named after no dataset) gets one path that
+    serves every dataset. Further candidates appear as comments."""
     per_method: dict[str, list[Release]] = {}
     for release in releases:
         if release.loads and release.info is not None:
@@ -157,19 +199,29 @@ def weights_block(releases: Sequence[Release]) -> str:
         return "# no loadable release found: nothing to map"
     lines = ["weights:"]
     for method, found in sorted(per_method.items()):
-        by_label: dict[str, Release] = {}
-        others: list[Release] = []
+        first: dict[str, Release] = {}
         for release in found:
-            label = release.dataset
-            if label in BENCHMARK_LABELS and label not in by_label:
-                by_label[label] = release
-            else:
-                others.append(release)
-        if by_label:
+            first.setdefault(release.dataset, release)
+        sources = stand_ins(method)
+        served: dict[str, Release] = {}
+        notes = []
+        for label in BENCHMARK_LABELS:
+            source = next((s for s in (label, *sources.get(label, ())) if s in first), None)
+            if source is not None:
+                served[label] = first[source]
+                if source != label:
+                    notes.append(f"  # {method}: {label} is served by its {source} release; its authors "
+                                 f"publish no {label} model (docs/checkpoints.md)")
+        if all(release is first.get("?") for release in served.values()):
+            served, notes = {}, []  # only a release named after no dataset: one path, as for any method
+        used = {id(r) for r in served.values()}
+        others = [r for r in found if id(r) not in used]
+        if served:
             lines.append(f"  {method}:")
-            lines += [f"    {label}: {quoted(by_label[label].path)}" for label in BENCHMARK_LABELS if label in by_label]
+            lines += [f"    {label}: {quoted(served[label].path)}" for label in BENCHMARK_LABELS if label in served]
         else:
             lines.append(f"  {method}: {quoted(others.pop(0).path)}")
+        lines += notes
         lines += [f"  # also found for {method}: {quoted(r.path)} (dataset {r.dataset})" for r in others]
     return "\n".join(lines)
 
@@ -182,10 +234,17 @@ def run_check(folder: str | Path, *, progress: bool = True) -> int:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise UserError(f"weights folder not found: {root}" if not root.exists() else f"{root}: not a folder")
-    releases = list(find_releases(root))
-    for release in tqdm(releases, desc="checking", unit="release", disable=not progress, file=sys.stderr):
+    releases = []
+    # each release is loaded right after it is identified, from the same read, before the next one is read
+    for release in tqdm(find_releases(root), desc="checking", unit="release", disable=not progress, file=sys.stderr):
         check(release)
+        releases.append(release)
     print(table(releases))
+    generator_only = [r for r in releases if r.generator_only]
+    if generator_only:
+        print(GENERATOR_ONLY_NOTE)
+    if any(stand_ins(r.info.variant) for r in generator_only if r.info is not None):
+        print(LAMA_GENERATOR_ONLY_NOTE)
     print()
     print("# paste into a benchmark config; keep the methods your run includes (docs/checkpoints.md)")
     print(weights_block(releases))

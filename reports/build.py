@@ -17,7 +17,8 @@ from typing import Sequence
 import pandas as pd
 
 from bench.errors import UserError
-from bench.masks import RATIO_BINS, bin_label
+from bench.files import atomic_write_text
+from bench.data.masks import RATIO_BINS, bin_label
 from reports import efficiency_table, intervals, paper_compare, qualitative
 from reports.figures import loss_curves
 from reports.results import CellResult, combined_summary, find_cells
@@ -85,7 +86,7 @@ def build_report(out: str | Path) -> Path:
 
 def build_report_from_mlflow(uri: str, experiment: str, out: str | Path) -> Path:
     """The same report from an MLflow experiment: the newest finished run of each cell."""
-    from bench.tracking import load_cells
+    from bench.run.tracking import load_cells
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,10 +130,7 @@ def write_report(cells: Sequence[CellResult], out: Path) -> Path:
     lines += efficiency_table.section(out)
     lines += _sensitivity_section(out)
     lines += _provenance_section(cells)
-    report = out / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report)
+    report = atomic_write_text(out / "report.md", "\n".join(lines))
     summary.to_csv(report_dir / "summary_all.csv", index=False)
     return report
 

@@ -1,7 +1,6 @@
 """Figures from tracked results (matplotlib, headless)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from bench.files import atomic_path  # noqa: E402
 
 
 def save_figure(figure, base: Path, dpi: int) -> list[Path]:
@@ -19,9 +20,8 @@ def save_figure(figure, base: Path, dpi: int) -> list[Path]:
     try:
         for suffix in (".png", ".pdf"):
             target = base.parent / (base.name + suffix)
-            partial = target.with_name(f".{target.name}.tmp")
-            figure.savefig(partial, dpi=dpi, format=suffix[1:])
-            os.replace(partial, target)
+            with atomic_path(target) as partial:
+                figure.savefig(partial, dpi=dpi, format=suffix[1:])
             written.append(target)
     finally:
         plt.close(figure)

@@ -2,7 +2,7 @@
 
 For every dataset, every method other than the reference (the first method whose ``paper_name`` is
 ``SAHN``) and every per-image metric, the per-image scores of the method and the reference are aligned
-by ``pair_id`` (the same frozen test pairs) and :func:`bench.aggregate.paired_bootstrap` resamples the
+by ``pair_id`` (the same frozen test pairs) and :func:`bench.metrics.aggregate.paired_bootstrap` resamples the
 pairs: Δ = method − reference, with a percentile interval. With several seeds, a pair's score is first
 averaged over the seeds. Set-level metrics (FID, KID) have no per-pair value and get no interval.
 
@@ -17,10 +17,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from bench.aggregate import NVIDIA_BINS, bin_members, paired_bootstrap
-from bench.evaluate import write_csv_atomic
-from bench.masks import PAPER_BINS
-from bench.metrics import PER_IMAGE_METRICS
+from bench.metrics.aggregate import NVIDIA_BINS, bin_members, paired_bootstrap
+from bench.run.evaluate import write_csv_atomic
+from bench.data.masks import PAPER_BINS
+from bench.metrics.table import PER_IMAGE_METRICS
 from reports.qualitative import has_per_image
 from reports.tables import STYLE, latex_grid, markdown_grid, method_header, write_text_atomic
 

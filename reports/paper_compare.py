@@ -21,8 +21,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from bench.cell import parse_dataset
-from bench.suites import STANDS_IN_FOR
+from bench.run.cell import parse_dataset
+from bench.data.suites import STANDS_IN_FOR
 from reports.intervals import interval_frame, render_intervals
 from reports.qualitative import cell_manifest
 from reports.results import combined_summary, find_cells

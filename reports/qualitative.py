@@ -1,9 +1,11 @@
 """Figures 6–8 of the paper: qualitative grids (original, masked, each method) per ratio bin and dataset.
 
 The pairs shown are chosen by a fixed rule from the frozen manifest, never by looking at any method's
-output: among the test pairs whose hole ratio lies in the figure's bin (and that every method scored),
-the ``per_dataset`` pairs whose ratio is closest to the middle of the bin, ties broken by pair id. The
-same results therefore always give the same figure, and no method's good or bad cases are picked.
+output: among the test pairs whose hole ratio lies in the figure's bin (and that every method scored, with
+its composite saved), the ``per_dataset`` pairs whose ratio is closest to the middle of the bin, ties broken
+by pair id. The same results therefore always give the same figure, and no method's good or bad cases are
+picked. With ``save_images: sample`` every method saved the same seeded pairs (drawn from the manifest), so
+the rule picks among those; with ``none`` there is no composite to show, and the section says so.
 
 Panels: the original image, the masked input (holes white, the paper's ``I_broken``), then the scored
 composite PNG of each method (``<cell>/images/<pair_id>.png``, written by the evaluation), SAHN last as
@@ -23,9 +25,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.errors import UserError  # noqa: E402
-from bench.images import read_image  # noqa: E402
-from bench.manifest import Manifest, load_manifest  # noqa: E402
-from bench.masks import in_bin, parse_bin  # noqa: E402
+from bench.data.images import read_image  # noqa: E402
+from bench.data.manifest import Manifest, load_manifest  # noqa: E402
+from bench.data.masks import in_bin, parse_bin  # noqa: E402
 from reports.figures import save_figure  # noqa: E402
 from reports.tables import method_header  # noqa: E402
 
@@ -63,6 +65,15 @@ def _manifest_near(folder: str, digest: str) -> Manifest | None:
 def has_per_image(cell) -> bool:
     folder = getattr(cell, "folder", None)
     return folder is not None and (Path(folder) / "per_image.csv").is_file()
+
+
+def saved_pairs(cell) -> set[str]:
+    """The pair ids whose scored composite the cell saved (``output`` set in per_image.csv)."""
+    rows = cell.per_image()
+    if "output" not in rows:
+        return set()
+    outputs = rows["output"].fillna("").astype(str)
+    return set(rows.loc[outputs != "", "pair_id"].astype(str))
 
 
 def choose_pairs(ratios: pd.Series, label: str, count: int) -> list[str]:
@@ -126,7 +137,12 @@ def _figure_rows(cells: Sequence, label: str, per_dataset: int) -> tuple[list[st
             notes.append(f"`{dataset}`: the frozen manifest was not found beside the cells; no grid")
             continue
         common = set.intersection(*[set(c.per_image()["pair_id"].astype(str)) for c in chosen.values()])
-        ratios = pd.Series({p.pair_id: p.ratio for p in manifest.pairs if p.pair_id in common}, dtype=float)
+        shown = common & set.intersection(*[saved_pairs(c) for c in chosen.values()])
+        if not shown:
+            notes.append(f"`{dataset}`: no pair has a saved composite of every method (save_images: none, or "
+                         "methods run with different save_images); no grid")
+            continue
+        ratios = pd.Series({p.pair_id: p.ratio for p in manifest.pairs if p.pair_id in shown}, dtype=float)
         for pair_id in choose_pairs(ratios, label, per_dataset):
             row_label = f"{dataset}\n{pair_id}\nhole {float(ratios[pair_id]):.0%}"
             rows.append((row_label, _row_panels(chosen, methods, manifest, pair_id)))

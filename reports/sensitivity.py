@@ -16,14 +16,12 @@ from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bench.metrics.table import metric as metric_row  # noqa: E402
 from reports.figures import save_figure  # noqa: E402
 
 #: searched option → axis label (the paper's names: α of L_prior, w1..w4 of the total loss)
 PARAMETERS = {"alpha": "α (L_prior hole weight)", "w_rec": "w1 (reconstruction)", "w_fm": "w2 (feature matching)",
               "w_adv": "w3 (adversarial)", "w_prior": "w4 (semantic prior)"}
-METRIC_LABELS = {"psnr": "validation PSNR (dB), higher is better", "ssim": "validation SSIM, higher is better",
-                 "mae": "validation MAE, lower is better"}
-METRIC_NAMES = {"psnr": "PSNR", "ssim": "SSIM", "mae": "MAE"}
 CATEGORICAL_LIMIT = 6  # options with at most this many distinct, repeated values also get their per-value mean
 LOG_SPAN = 5.0  # an axis spanning at least this ratio (all values > 0) is drawn logarithmic
 FAILED = "failed"
@@ -72,6 +70,7 @@ def sensitivity_figure(trials: pd.DataFrame, metric: str, out_base: Path) -> lis
     value (fixed options are named in the title). Writes ``<out_base>.png`` and ``<out_base>.pdf``;
     returns both paths ([] when no trial has a value)."""
     out_base = Path(out_base)
+    shown = metric_row(metric)
     scored = scored_trials(trials, metric)
     present = [name for name in PARAMETERS if name in scored and scored[name].notna().any()]
     if scored.empty or not present:
@@ -90,9 +89,9 @@ def sensitivity_figure(trials: pd.DataFrame, metric: str, out_base: Path) -> lis
     for axis in list(axes.flat)[len(varied):]:
         axis.axis("off")
     for row in axes:
-        row[0].set_ylabel(METRIC_LABELS.get(metric, f"validation {metric}"), fontsize=8)
+        row[0].set_ylabel(f"validation {shown.label_with_unit}, {shown.direction}", fontsize=8)
     axes[0, 0].legend(fontsize=7)
-    title = f"Validation {METRIC_NAMES.get(metric, metric)} against the searched options ({len(scored)} trials)"
+    title = f"Validation {shown.label} against the searched options ({len(scored)} trials)"
     if fixed:
         title += "\nfixed: " + ", ".join(f"{PARAMETERS[name].split(' ')[0]} = {scored[name].dropna().iloc[0]:g}"
                                          for name in fixed)

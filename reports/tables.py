@@ -8,34 +8,15 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
+from bench.metrics.table import BY_NAME, METRICS, Metric
+from bench.files import atomic_write_text
 
-@dataclass(frozen=True)
-class MetricStyle:
-    key: str  # metric name in summary.csv
-    header: str  # display name with unit and direction
-    scale: float  # displayed value = value × scale
-    digits: int
-    higher_is_better: bool
-
-
-METRICS = (
-    MetricStyle("psnr", "PSNR (dB) ↑", 1.0, 2, True),
-    MetricStyle("ssim", "SSIM ↑", 1.0, 3, True),
-    MetricStyle("mae", "MAE (×10⁻¹) ↓", 10.0, 3, False),
-    MetricStyle("fid", "FID ↓", 1.0, 2, False),
-    MetricStyle("kid", "KID ↓", 1.0, 4, False),
-    MetricStyle("lpips", "LPIPS ↓", 1.0, 4, False),
-    MetricStyle("fd_lite0", "FD-Lite0 ↓ (substitute for FID)", 1.0, 3, False),
-    MetricStyle("kid_lite0", "KID-Lite0 ↓ (substitute for KID)", 1.0, 4, False),
-    MetricStyle("lite0_dist", "Lite0 distance ↓ (substitute for LPIPS)", 1.0, 4, False),
-)
-STYLE = {m.key: m for m in METRICS}
+STYLE = BY_NAME  # how each metric is shown (the other report sections look metrics up here)
 PAPER_BINS = ("(0.2,0.4]", "(0.4,0.6]", "All")
 
 
@@ -57,10 +38,10 @@ def dataset_table(summary: pd.DataFrame, bins=PAPER_BINS) -> pd.DataFrame:
     first = summary.drop_duplicates("method").set_index("method")
     headers = {m: method_header(m, first.at[m, "paper_name"], first.get("weights", {}).get(m)) for m in methods}
     rows, index = [], []
-    present = [s for s in METRICS if s.key in set(summary["metric"])]
+    present = [s for s in METRICS if s.name in set(summary["metric"])]
     for style in present:
         for label in bins:
-            cells = summary[(summary["metric"] == style.key) & (summary["bin"] == label)]
+            cells = summary[(summary["metric"] == style.name) & (summary["bin"] == label)]
             if cells.empty:
                 continue
             values = {headers[m]: float(v) * style.scale for m, v in zip(cells["method"], cells["value"])}
@@ -81,11 +62,11 @@ def _format(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def _style_for(header: str) -> MetricStyle | None:
+def _style_for(header: str) -> Metric | None:
     return next((s for s in METRICS if s.header == header), None)
 
 
-def _best_columns(row: pd.Series, style: MetricStyle | None) -> set[str]:
+def _best_columns(row: pd.Series, style: Metric | None) -> set[str]:
     values = row.dropna()
     if style is None or len(values) < 2:
         return set()
@@ -211,11 +192,7 @@ def latex_grid(header: Sequence[str], rows: Sequence[Sequence[str]], caption: st
 
 
 def write_text_atomic(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def fmt(value: float, digits: int, signed: bool = False) -> str:

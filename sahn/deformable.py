@@ -1,10 +1,10 @@
 """SAHN's deformable 3×3 convolution, with a kernel per mode: the autograd-friendly one for training, the
 fastest one for inference.
 
-Training keeps :class:`bench.layers.DeformableConv2d`'s forward (torchvision's kernel on CUDA, the gather
-version elsewhere, whose backward is 2–3× faster than torchvision's on CPU). Without autograd — ``inpaint``
+Training keeps :class:`bench.nn.layers.DeformableConv2d`'s forward (torchvision's kernel on CUDA, the gather
+version elsewhere, whose backward is faster than torchvision's on CPU). Without autograd — ``inpaint``
 runs under ``torch.no_grad`` — the CPU runs :func:`bag_deform_conv2d` instead, by default. sahn/README.md
-has the measurements behind the choice.
+explains the choice; docs/measurements.md has the figures behind it.
 
 Importing this module also gives torchvision's ``deform_conv2d`` operator a FLOP formula (that of the
 regular convolution with the same weight, which is what the gather and bag versions' matrix products count),
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from bench.layers import DeformableConv2d, gather_deform_conv2d
+from bench.nn.layers import DeformableConv2d, gather_deform_conv2d
 
 #: inference kernels: ``auto`` = ``torchvision`` on CUDA, ``bag`` elsewhere
 INFERENCE_KERNELS = ("auto", "bag", "torchvision", "gather")
@@ -36,7 +36,7 @@ def bag_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     output rows. The samples are ordered to form an image k_h times taller and k_w times wider than the
     block, in which output pixel (y, x) finds its tap (i, j) at (k_h·y + i, k_w·x + j): the regular
     convolution with the same weight and stride (k_h, k_w) then finishes the block, with the fast kernels
-    of the plain layers (a matrix product over the same samples was 10–15% slower).
+    of the plain layers (faster than a matrix product over the same samples; docs/measurements.md).
 
     A block holds ``block_bytes`` of samples (default :data:`BLOCK_BYTES_PER_THREAD` per torch thread, at
     least one output row). Beyond its input and output a call needs one block and the corner indices and
@@ -103,7 +103,7 @@ def bilinear_corners(offset: torch.Tensor, kernel_size: tuple[int, int], input_s
 
 
 class SAHNDeformableConv2d(DeformableConv2d):
-    """:class:`bench.layers.DeformableConv2d` (same parameters, same state_dict keys) whose forward runs
+    """:class:`bench.nn.layers.DeformableConv2d` (same parameters, same state_dict keys) whose forward runs
     ``inference_kernel`` when autograd records nothing; while it records, the bench layer's forward."""
 
     def __init__(self, in_channels: int, out_channels: int, *, dilation: int = 1, inference_kernel: str = "auto"):
@@ -131,7 +131,7 @@ class SAHNDeformableConv2d(DeformableConv2d):
 
 
 def deformable_conv3x3_factory(inference_kernel: str = "auto"):
-    """A :class:`bench.layers.ConvFactory` building :class:`SAHNDeformableConv2d` with ``inference_kernel``."""
+    """A :class:`bench.nn.layers.ConvFactory` building :class:`SAHNDeformableConv2d` with ``inference_kernel``."""
 
     def build(in_channels: int, out_channels: int, *, dilation: int = 1) -> SAHNDeformableConv2d:
         return SAHNDeformableConv2d(in_channels, out_channels, dilation=dilation, inference_kernel=inference_kernel)

@@ -10,7 +10,7 @@ What D is asked to call fake is ``d_target`` in SAHN's config:
   regions in the restored image"): a patch of I_pred is fake when its receptive field holds at least one
   hole pixel, and real otherwise — outside the holes I_pred *is* I_full. :meth:`fake_patches` computes
   that label map by max-pooling the mask through D's own conv geometry.
-- ``image`` (the first implementation here): every patch of I_pred is fake, so patches that are
+- ``image`` (eq. 18 as written): every patch of I_pred is fake, so patches that are
   pixel-identical to real ones get the opposite target.
 """
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from bench.discriminators import init_conv_
+from bench.run.data_parallel import whole_batch_normaliser
+from bench.nn.discriminators import init_conv_
 
 D_TARGETS = ("mask", "image")
 
@@ -73,8 +74,15 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
 def generator_loss(fake_logits: torch.Tensor, fake_patches: torch.Tensor | None) -> torch.Tensor:
     """The adversarial term of eq. 17 in its non-saturating form, −log σ(D(I_pred)). The ``image`` reading
     (``fake_patches=None``) averages it over every patch; the ``mask`` reading over the fake patches only
-    — the others see no generated pixel, so their term is a constant without gradient for G."""
+    — the others see no generated pixel, so their term is a constant without gradient for G.
+
+    The fake patches are counted over the whole global batch when several processes train together (each
+    divides its share's sum by the ranks' mean count): dividing by its own share's count would weigh a patch of
+    an image with a small hole more than one of an image with a large hole, unlike one process."""
     per_patch = F.softplus(-fake_logits)
     if fake_patches is None:
         return per_patch.mean()
-    return (per_patch * fake_patches).sum() / fake_patches.sum().clamp_min(1)
+    # A batch without fake patches has a zero sum: any positive normaliser gives 0 (clamping each rank's mean
+    # count at 1 would not: two ranks' counts 1 and 0 have mean 1/2).
+    count = whole_batch_normaliser(fake_patches.sum())
+    return (per_patch * fake_patches).sum() / count.clamp_min(torch.finfo(count.dtype).tiny)

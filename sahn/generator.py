@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
-from bench.discriminators import init_conv_
-from bench.layers import PixelShuffleUp, ResnetBlock, ShortcutResBlock, SPADEResBlock, plain_conv3x3
+from bench.nn.discriminators import init_conv_
+from bench.nn.layers import PixelShuffleUp, ResnetBlock, ShortcutResBlock, SPADEResBlock, plain_conv3x3
 from sahn.deformable import SAHNDeformableConv2d, deformable_conv3x3_factory
 
 NUM_SCALES = 3

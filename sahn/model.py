@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import UserError
-from bench.layers import FrozenNetworks
-from bench.losses import create_perceptual_loss, hole_weighted_l1, semantic_prior_loss
+from bench.nn.layers import FrozenNetworks
+from bench.nn.losses import create_perceptual_loss, hole_weighted_l1, semantic_prior_loss
 from bench.methods import InpaintingMethod, apply_overrides, variant
-from bench.teacher import TEACHER_NAMES, create_teacher, substitution_note
+from bench.nn.teacher import TEACHER_NAMES, create_teacher, substitution_note
 from sahn.deformable import INFERENCE_KERNELS
 from sahn.discriminator import D_TARGETS, MaskGuidedDiscriminator, discriminator_loss, generator_loss
 from sahn.generator import NUM_SCALES, SAHNGenerator
@@ -242,7 +242,7 @@ TINY: dict[str, Any] = dict(
 )
 
 
-@variant(scale="paper", paper_name="SAHN")
+@variant(scale="paper", paper_name="SAHN", paper_column=1)
 def sahn_paper(**overrides: Any) -> SAHN:
     """SAHN at the paper's size (256² input; teacher and semantic encoder at 512²)."""
     return SAHN(apply_overrides(SAHNConfig(), overrides))

@@ -7,6 +7,8 @@ import torch
 
 from bench import create_method
 
+from bench import weights as checkpoints
+
 
 class ForeignHyperParameters:
     """Stands for the objects a Lightning checkpoint pickles (its config): the safe loader refuses it."""
@@ -18,16 +20,17 @@ def seeded(name: str, seed: int = 0, **overrides):
     return create_method(name, **overrides)
 
 
-def ec_folder(folder: Path, discriminators: bool = True, **overrides):
-    """knazeri/edge-connect's release folder (src/models.py BaseModel.save) and its config file."""
+def ec_folder(folder: Path, discriminators: bool = True, legacy: bool = False, **overrides):
+    """knazeri/edge-connect's release folder (src/models.py BaseModel.save) and its config file. ``legacy``: the
+    files as the authors' torch 1.0 wrote them, in the pre-zip serialization format."""
     source = seeded("ec_tiny", **overrides)
     folder.mkdir(parents=True, exist_ok=True)
     for model, prefix in (("edge", "EdgeModel"), ("inpaint", "InpaintingModel")):
         torch.save({"iteration": 7, "generator": getattr(source, f"{model}_generator").state_dict()},
-                   folder / f"{prefix}_gen.pth")
+                   folder / f"{prefix}_gen.pth", _use_new_zipfile_serialization=not legacy)
         if discriminators:
             torch.save({"discriminator": getattr(source, f"{model}_discriminator").state_dict()},
-                       folder / f"{prefix}_dis.pth")
+                       folder / f"{prefix}_dis.pth", _use_new_zipfile_serialization=not legacy)
     (folder / "config.yml").write_text("MODE: 2\nMODEL: 3\n")
     return source
 
@@ -52,15 +55,24 @@ def spl_file(path: Path, name: str = "spl_tiny", **overrides):
     return source
 
 
-def lama_folder(folder: Path, name: str = "lama_tiny", discriminator: bool = True, **overrides):
-    """advimman/lama's release folder: config.yaml + models/best.ckpt (Lightning, with pickled objects)."""
+def lama_folder(folder: Path, name: str = "lama_tiny", discriminator: bool = True, losses: bool = True,
+                hyper_parameters=None, **overrides):
+    """advimman/lama's release folder: config.yaml + models/best.ckpt (Lightning, with pickled objects).
+
+    The defaults are a training checkpoint; ``discriminator=False, losses=False`` is what the authors publish
+    (their make_checkpoint step drops ``discriminator.*`` and ``loss_*``, and the optimiser states).
+    ``hyper_parameters``: the pickled config (LaMa's is an OmegaConf DictConfig), a foreign object by default."""
     source = seeded(name, perceptual_network="none", **overrides)
     (folder / "models").mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text("generator:\n  kind: ffc_resnet\n")
     state = {k: v for k, v in source.state_dict().items() if discriminator or not k.startswith("discriminator.")}
-    state["loss_resnet_pl.impl.conv1.weight"] = torch.zeros(4, 3, 3, 3)
-    torch.save({"epoch": 3, "state_dict": state, "hyper_parameters": ForeignHyperParameters()},
-               folder / "models" / "best.ckpt")
+    if losses:
+        state["loss_resnet_pl.impl.conv1.weight"] = torch.zeros(4, 3, 3, 3)
+    payload = {"epoch": 3, "state_dict": state,
+               "hyper_parameters": ForeignHyperParameters() if hyper_parameters is None else hyper_parameters}
+    if losses:  # a training checkpoint still has them
+        payload["optimizer_states"] = [{"state": {}, "param_groups": [{"lr": 0.001, "params": [0]}]}]
+    torch.save(payload, folder / "models" / "best.ckpt")
     return source
 
 
@@ -70,3 +82,24 @@ def ddnm_file(path: Path, **overrides):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(source.unet.state_dict(), path)
     return source
+
+
+# ------------------------------------------------------------------ counting reads
+class LoadCounter:
+    """Counts ``torch.load`` calls per file (and their ``mmap``) and the streaming hashes of the digest."""
+
+    def __init__(self, monkeypatch):
+        self.loads: list[tuple[str, bool]] = []
+        self.hashes: list[str] = []
+        real_load, real_hash = torch.load, checkpoints.sha256_file
+
+        def load(path, *args, **kwargs):
+            self.loads.append((str(path), bool(kwargs.get("mmap"))))
+            return real_load(path, *args, **kwargs)
+
+        def digest(path):
+            self.hashes.append(str(path))
+            return real_hash(path)
+
+        monkeypatch.setattr(torch, "load", load)
+        monkeypatch.setattr(checkpoints, "sha256_file", digest)

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from pytorch_fid.fid_score import calculate_frechet_distance
 
-from bench.aggregate import (DEFAULT_BINS, bin_members, load_features, paired_bootstrap, save_features,
+from bench.metrics.aggregate import (DEFAULT_BINS, bin_members, load_features, paired_bootstrap, save_features,
                              summarize)
 from bench.errors import UserError
-from bench.metrics import kid
+from bench.metrics.functional import kid
 
 # Seven pairs; the bin of each is read off by hand from the half-open rule (a, b].
 RATIOS = [0.05, 0.1, 0.2, 0.25, 0.4, 0.45, 0.6]

@@ -16,9 +16,9 @@ from torchvision import transforms
 
 from baselines.ctsdg import (CTSDG, PartialConv2d, ctsdg, ctsdg_tiny, region_affinity, structure_inputs,
                              to_signed, wrap_like_to_pil_image)
-from bench.edges import gray_and_edges
+from bench.data.edges import gray_and_edges
 from bench.errors import CheckpointError, UserError, WeightsUnavailable
-from bench.weights import resolve_weights
+from bench.metrics.pretrained_registry import resolve_weights
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 SN = ("weight_orig", "weight_u", "weight_v")  # hook-based spectral norm, as in the released files
@@ -72,7 +72,7 @@ def count(module: torch.nn.Module) -> int:
 def test_paper_size_parameter_counts_and_key_names():
     method = ctsdg()
     try:
-        # counts obtained by instantiating the official classes (docs: baselines.md)
+        # counts obtained by instantiating the official classes (docs/official-sources.md)
         assert method.num_parameters() == {"generator": 52_147_789, "discriminator": 5_531_729}
         assert [count(getattr(method.discriminator, part)) for part in
                 ("texture_branch", "structure_branch", "edge_detector")] == [2_763_776, 2_762_752, 5_201]

@@ -7,11 +7,13 @@ The rest is checked in-process: the device rules with --serial, the CUDA RNG sta
 checkpoints (torch.cuda's RNG calls mocked by a CPU generator), the determinism and TF32 settings, the
 ground-truth feature cache key, and numerics that would crash or slow down on CUDA.
 """
+import contextlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -19,20 +21,24 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench.train
+import bench.run.train
 from baselines.ctsdg import binary_cross_entropy
 from baselines.ddnm_unet import AttnBlock
 from bench.config import ResourceConfig, TrainConfig
-from bench.datasets import load_image_set
-from bench.devices import (CUBLAS_WORKSPACE, DETERMINISTIC_CUBLAS_WORKSPACE, METRIC_PRECISION, VISIBLE_DEVICES,
-                           choose_device, deterministic_algorithms, device_record, full_fp32, gpu_memory_cap,
-                           request_problem, resolve_device, visible_entries)
-from bench.distributed import cell_settings, cell_task_options, check_feasible, remote_cell_function
+from bench.data.datasets import load_image_set
+from bench.devices import (CUBLAS_WORKSPACE, CUDA_CONTEXT_RESERVE_BYTES, DETERMINISTIC_CUBLAS_WORKSPACE,
+                           METRIC_PRECISION, VISIBLE_DEVICES, allocator_fraction, choose_device, cuda_tf32,
+                           deterministic_algorithms, device_record, full_fp32, gpu_memory_cap, request_problem,
+                           resolve_device, tf32_enabled, tf32_state, visible_entries)
+from bench.run.distributed import cell_settings, cell_task_options, remote_cell_function
+from bench.run.resources import check_feasible
 from bench.errors import UserError
-from bench.evaluate import _ground_truth_features
-from bench.images import to_tensor
-from bench.manifest import MaskProtocol, build_manifest
-from bench.train import ImageCache, restore_rng_states, rng_states, train
+from bench.run.evaluate import _ground_truth_features
+from bench.data.images import to_tensor
+from bench.data.manifest import MaskProtocol, build_manifest
+from bench.methods import create_method
+from bench.run.tracking import cell_params
+from bench.run.train import ImageCache, restore_rng_states, rng_states, train
 from pipelines.full_benchmark import run_benchmark
 from tiny_methods import (TinyTrainer, TinyTrainerConfig, config_from_dict, empty_mlflow_store, tiny_config_dict,
                           write_folder_dataset)
@@ -40,6 +46,7 @@ from tiny_methods import (TinyTrainer, TinyTrainerConfig, config_from_dict, empt
 pytestmark = pytest.mark.timeout(300)
 
 NODE_GPUS = "0,1"  # the CUDA_VISIBLE_DEVICES a two-GPU node's processes inherit
+FAKE_GPU_BYTES = 16 * 2**30  # the memory of the mocked GPUs
 TASK_SECONDS = 120
 
 
@@ -72,7 +79,7 @@ def fake_gpu_node():
 
 
 def what_the_cell_sees(resources: ResourceConfig, barrier: str | None = None, parties: int = 0) -> dict:
-    """Runs in a Ray task as a cell does (:func:`bench.distributed.cell_settings` first, then the device
+    """Runs in a Ray task as a cell does (:func:`bench.run.distributed.cell_settings` first, then the device
     resolution of ``run_cell``) and reports what it saw. torch's CUDA calls are mocked: torch sees as many
     devices as ``CUDA_VISIBLE_DEVICES`` lists. ``barrier``: wait until ``parties`` tasks hold their GPUs."""
     import ray
@@ -91,7 +98,9 @@ def what_the_cell_sees(resources: ResourceConfig, barrier: str | None = None, pa
     with mock.patch("torch.cuda.device_count", device_count), \
             mock.patch("torch.cuda.set_per_process_memory_fraction",
                        lambda fraction, device=None: seen["memory_caps"].append((fraction, str(device)))), \
-            mock.patch("torch.cuda.get_device_name", lambda device=None: "fake GPU"):
+            mock.patch("torch.cuda.get_device_name", lambda device=None: "fake GPU"), \
+            mock.patch("torch.cuda.get_device_properties",
+                       lambda device=None: SimpleNamespace(total_memory=FAKE_GPU_BYTES)):
         with cell_settings(resources):
             device = resolve_device(resources.device, gpus_per_cell=resources.gpus_per_cell)
             record = device_record(device, gpus_per_cell=resources.gpus_per_cell, deterministic=False)
@@ -153,7 +162,8 @@ def test_gpu_cells_get_a_fresh_worker_each_and_a_shared_gpu_caps_its_memory(fake
     assert len({cell["pid"] for cell in seen}) == 3  # never the worker of an earlier GPU cell
     for cell in seen:
         assert cell["device"] == "cuda:0" and len(cell["ray_gpu_ids"]) == 1
-        assert cell["memory_caps"] == [(0.5, "cuda:0"), (1.0, "cuda:0")]  # capped for the cell, lifted after
+        # capped for the cell (its share less its CUDA context), lifted after
+        assert cell["memory_caps"] == [(0.5 - CUDA_CONTEXT_RESERVE_BYTES / FAKE_GPU_BYTES, "cuda:0"), (1.0, "cuda:0")]
         assert cell["record"]["gpu_memory_fraction"] == 0.5
     assert cell_task_options(half)["max_calls"] == 1
     assert cell_task_options(ResourceConfig(gpus_per_cell=0))["max_calls"] == 0  # CPU cells reuse workers
@@ -222,6 +232,7 @@ def test_serial_cells_resolve_auto_from_their_request_and_record_their_device(da
         record = json.loads(cell.read_text())
         assert record["device"] == "cpu" and record["gpu_ids"] == [] and record["deterministic"] is True
         assert record["gpu_memory_fraction"] is None and record["gpu_name"] is None
+        assert "tf32" not in record and "cell.tf32" not in cell_params(record)  # no TF32 on a CPU
     assert len(list(out.glob("folder-data/*/cell.json"))) == 2
     assert not torch.are_deterministic_algorithms_enabled()  # the cells' settings ended with them
 
@@ -248,38 +259,138 @@ def precision_settings() -> list[str]:
                                        backends.cudnn.rnn)]
 
 
-def test_metric_networks_run_without_tf32_on_cuda_and_the_precision_settings_come_back():
+def legacy_flags() -> list:
+    """torch's legacy TF32 flags as a reader sees them: a value, or the error torch raises."""
+    read = []
+    for flag in (lambda: torch.backends.cuda.matmul.allow_tf32, lambda: torch.backends.cudnn.allow_tf32):
+        try:
+            read.append(flag())
+        except RuntimeError as exc:
+            read.append(f"raises: {str(exc)[:40]}")
+    return read
+
+
+@pytest.fixture
+def original_precision_settings():
     original = precision_settings()
-    try:
-        torch.backends.cuda.matmul.fp32_precision = "tf32"  # a user who opted in through torch's newer API
-        before = precision_settings()
-        with full_fp32(torch.device("cuda", 0)):
-            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    matmul_precision = torch.get_float32_matmul_precision()
+    yield original
+    for setting, value in zip((torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn,
+                               torch.backends.cudnn.conv, torch.backends.cudnn.rnn), original):
+        setting.fp32_precision = value
+    torch.set_float32_matmul_precision(matmul_precision)
+
+
+def test_metric_networks_run_without_tf32_on_cuda_and_the_precision_settings_come_back(original_precision_settings):
+    torch.backends.cuda.matmul.fp32_precision = "tf32"  # a user who opted in through torch's newer API
+    before = precision_settings()
+    with full_fp32(torch.device("cuda", 0)):
+        assert tf32_state() == "off"
+        assert [torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                torch.backends.cudnn.rnn.fp32_precision] == ["ieee"] * 3
+    assert precision_settings() == before
+    with full_fp32(torch.device("cpu")):  # no TF32 on the CPU: nothing to change
         assert precision_settings() == before
-        with full_fp32(torch.device("cpu")):  # no TF32 on the CPU: nothing to change
-            assert precision_settings() == before
-    finally:
-        for setting, value in zip((torch.backends, torch.backends.cuda.matmul, torch.backends.cudnn,
-                                   torch.backends.cudnn.conv, torch.backends.cudnn.rnn), original):
-            setting.fp32_precision = value
 
 
-def test_a_shared_gpu_is_capped_at_the_cells_share_and_nothing_else_is(monkeypatch):
+def test_after_full_fp32_torchs_legacy_tf32_flags_still_read_as_before(original_precision_settings):
+    """Turning TF32 off through the legacy flags and restoring through fp32_precision left torch refusing to read
+    torch.backends.cudnn.allow_tf32 ("a mix of the legacy and new APIs"); one API leaves the flags as they were."""
+    before = legacy_flags()
+    assert not any(isinstance(flag, str) for flag in before)  # torch's defaults read fine
+    with full_fp32(torch.device("cuda", 0)):
+        pass
+    assert legacy_flags() == before
+    assert torch.backends.cudnn.allow_tf32 in (True, False)  # reading it does not raise
+
+
+@pytest.mark.parametrize("start", ["torch default", "legacy flags off", "legacy matmul on", "new API conv ieee"])
+def test_the_tf32_option_is_applied_and_everything_is_restored(original_precision_settings, start):
+    if start == "legacy flags off":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    elif start == "legacy matmul on":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif start == "new API conv ieee":
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    before, flags_before, matmul_before = precision_settings(), legacy_flags(), torch.get_float32_matmul_precision()
+    gpu = torch.device("cuda", 0)
+    for enabled, state in ((True, "on"), (False, "off")):
+        with cuda_tf32(gpu, enabled) as recorded:
+            assert recorded == state == tf32_state()
+            expected = "tf32" if enabled else "ieee"
+            assert [torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision,
+                    torch.backends.cudnn.rnn.fp32_precision] == [expected] * 3
+        assert precision_settings() == before and legacy_flags() == flags_before
+        assert torch.get_float32_matmul_precision() == matmul_before
+    with cuda_tf32(torch.device("cpu"), True) as recorded:  # the CPU has no TF32: nothing changes
+        assert recorded is None and precision_settings() == before
+
+
+def test_the_tf32_option_reads_on_and_off_as_yaml_and_the_command_line_give_them():
+    assert tf32_enabled("on") is True and tf32_enabled(True) is True  # YAML reads a bare on as true
+    assert tf32_enabled("off") is False and tf32_enabled(False) is False
+    with pytest.raises(UserError, match="--tf32 'yes': choose off or on"):
+        tf32_enabled("yes")
+
+
+def test_cuda_cells_fingerprint_and_record_their_tf32_state_and_cpu_cells_keep_their_fingerprints(
+        dataset, tmp_path, monkeypatch):
+    import bench.run.cell
+    from bench.run.cell import CellSpec, cell_fingerprint
+    from bench.config import BenchmarkConfig
+
+    spec = CellSpec("tiny_trainer", "faces", 0, "/cells/c", "/manifests/m")
+
+    def fingerprint(**resources) -> str:
+        return cell_fingerprint(BenchmarkConfig(resources=ResourceConfig(**resources)), spec)
+
+    # the fingerprint of this CellSpec before --tf32 existed (tests/test_memory_format.py): CPU cells keep it
+    assert fingerprint() == fingerprint(tf32="on") == "c289659993d5f2c5"
+    assert len({fingerprint(), fingerprint(gpus_per_cell=1.0), fingerprint(gpus_per_cell=1.0, tf32="on")}) == 3
+
+    applied = []
+
+    @contextlib.contextmanager
+    def as_on_a_gpu(device, enabled):  # what cuda_tf32 does on a GPU, on this CPU machine
+        applied.append(enabled)
+        yield "on" if enabled else "off"
+
+    monkeypatch.setattr(bench.run.cell.devices, "cuda_tf32", as_on_a_gpu)
+    out = tmp_path / "out"
+    out.mkdir()
+    empty_mlflow_store(out)
+    config = config_from_dict(tiny_config_dict(out, dataset, methods=("tiny_trainer",), serial=True, steps=2))
+    config.resources.tf32 = "on"
+    run_benchmark(config)
+    record = json.loads(next(out.glob("folder-data/*/cell.json")).read_text())
+    assert record["tf32"] == "on" and cell_params(record)["cell.tf32"] == "on"
+    assert applied.count(True) == 2  # training and inpainting, each through the one setting
+
+
+def test_a_shared_gpu_is_capped_at_the_cells_share_less_its_cuda_context(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(total_memory=FAKE_GPU_BYTES))
     gpu = torch.device("cuda", 0)
     for device, gpus in ((torch.device("cpu"), 0.5), (gpu, 1.0), (gpu, 2.0)):
         with gpu_memory_cap(device, gpus) as share:
             assert share is None
     assert calls == []
-    with gpu_memory_cap(gpu, 0.25) as share:
-        assert share == 0.25 and calls == [(0.25, gpu)]
-    assert calls == [(0.25, gpu), (1.0, gpu)]
+    with gpu_memory_cap(gpu, 0.25) as fraction:
+        # two processes at 0.5 each must fit the card with their contexts: 0.5 of it minus one context each
+        assert fraction == pytest.approx(0.25 - 0.5 / 16) and calls == [(fraction, gpu)]
+    assert calls == [(fraction, gpu), (1.0, gpu)]
+    assert 2 * (allocator_fraction(0.5, FAKE_GPU_BYTES, 0.5) * FAKE_GPU_BYTES + CUDA_CONTEXT_RESERVE_BYTES) \
+        == FAKE_GPU_BYTES
+    with pytest.raises(UserError, match="--gpus-per-cell 0.02: a 0.02 share of this GPU's 16.0 GiB leaves nothing"):
+        with gpu_memory_cap(gpu, 0.02):
+            pass
 
 
 # ------------------------------------------------------------------------------------ metric cache
 class CountingScorer:
-    """Stands in for :class:`bench.scoring.Scorer` in the ground-truth cache: counts feature batches, and
+    """Stands in for :class:`bench.metrics.scoring.Scorer` in the ground-truth cache: counts feature batches, and
     keys its features by the device type it claims."""
 
     def __init__(self, device_type: str):
@@ -301,19 +412,23 @@ def test_cached_ground_truth_features_are_keyed_by_device_type(dataset, tmp_path
     computed = _ground_truth_features(manifest, first, 2, cpu)
     assert first.batches > 0
     reused = _ground_truth_features(manifest, again, 2, cpu)
-    assert again.batches == 0 and np.array_equal(reused["gt/net"], computed["gt/net"])
-    _ground_truth_features(manifest, gpu, 2, cpu)
+    assert again.batches == 0 and np.array_equal(reused.arrays()["gt/net"], computed.arrays()["gt/net"])
+    on_gpu = _ground_truth_features(manifest, gpu, 2, cpu)
     assert gpu.batches > 0  # a CPU run's cache is not mixed into a GPU run's FID
+    # nor replaced by it: cells of the CPU key point to their own file, which is still there and unchanged
+    assert on_gpu.path != computed.path and computed.path.exists()
+    assert np.array_equal(_ground_truth_features(manifest, CountingScorer("cpu"), 2, cpu).arrays()["gt/net"],
+                          computed.arrays()["gt/net"])
 
-    import bench.scoring
+    import bench.metrics.scoring
     from bench.errors import WeightsUnavailable
 
     def unavailable(*args, **kwargs):
         raise WeightsUnavailable("not needed here")
 
     for builder in ("lpips_metric", "lite0_distance", "inception_fid_extractor", "lite0_extractor"):
-        monkeypatch.setattr(bench.scoring, builder, unavailable)
-    scorer = bench.scoring.Scorer(device=None)
+        monkeypatch.setattr(bench.metrics.scoring, builder, unavailable)
+    scorer = bench.metrics.scoring.Scorer(device=None)
     on_cpu, on_gpu = scorer.feature_key(cpu), scorer.feature_key(torch.device("cuda", 0))
     assert on_cpu["device"] == "cpu" and on_gpu["device"] == "cuda" and on_cpu != on_gpu
     assert on_cpu["precision"] == METRIC_PRECISION and on_cpu["networks"] == scorer.provenance()
@@ -355,8 +470,8 @@ def test_a_resumed_gpu_training_restores_the_cuda_rng_state(dataset, tmp_path, m
     gpu_random.install(monkeypatch)
     gpu = torch.device("cuda", 0)
     # The method computes on the CPU; its checkpoints take the path of a run on ``gpu``.
-    monkeypatch.setattr(bench.train, "rng_states", lambda device: rng_states(gpu))
-    monkeypatch.setattr(bench.train, "restore_rng_states",
+    monkeypatch.setattr(bench.run.train, "rng_states", lambda device: rng_states(gpu))
+    monkeypatch.setattr(bench.run.train, "restore_rng_states",
                         lambda states, device, source: restore_rng_states(states, gpu, source))
     images = load_image_set("folder", "train", root=str(dataset), image_size=32)
 
@@ -384,7 +499,7 @@ def test_a_resumed_gpu_training_restores_the_cuda_rng_state(dataset, tmp_path, m
 
     # Without the GPU state the resumed noise differs, and such a checkpoint is refused on a GPU.
     gpu_random.restart()
-    monkeypatch.setattr(bench.train, "restore_rng_states", restore_rng_states)
+    monkeypatch.setattr(bench.run.train, "restore_rng_states", restore_rng_states)
     train(trainer(), images, TrainConfig(steps=3, batch_size=2, checkpoint_every=2), checkpoint_path=tmp_path / "b.pt",
           progress=False)
     gpu_random.restart()
@@ -462,3 +577,43 @@ def test_simple_unet_attention_hands_heads_to_sdpa_and_keeps_its_outputs(monkeyp
         output = block(x)
     assert shapes == [torch.Size([2, 1, 64, 32])]  # [B, heads, L, d]: what the fused CUDA kernels take
     assert torch.equal(output, expected)
+
+
+# ------------------------------------------------------------------------------------ fp16: LaMa's R1 penalty
+def test_the_r1_penalty_takes_its_gradient_through_the_loss_scale_at_fp16():
+    """CPU autocast at fp16 stands in for a GPU's: a discriminator whose input gradients are below fp16's
+    smallest subnormal loses the whole penalty unscaled; scaled by the loss scaler it keeps it."""
+    from baselines.lama import r1_penalty
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(1e-3)
+    reals = torch.rand(2, 3, 8, 8, requires_grad=True)
+    exact = r1_penalty(conv(reals) * 1e-5, reals)  # float32: the penalty itself
+    with torch.autocast("cpu", dtype=torch.float16):
+        unscaled = r1_penalty(conv(reals) * 1e-5, reals)
+        scaled = r1_penalty(conv(reals) * 1e-5, reals, torch.amp.GradScaler("cpu", init_scale=2.0 ** 14))
+    assert exact > 0 and unscaled == 0  # what fp16 made of the penalty before
+    torch.testing.assert_close(scaled, exact, rtol=1e-2, atol=0)
+
+
+def test_a_lama_fp16_step_whose_r1_gradient_overflows_the_scale_is_skipped_not_reported_as_diverged():
+    torch.manual_seed(0)
+    method = create_method("lama_tiny")
+    method.set_precision("fp16")
+    images, masks = torch.rand(1, 3, 32, 32), (torch.rand(1, 1, 32, 32) > 0.6).float()
+    with method.autocast():  # the scaler's first scale, 2^16, overflows fp16 for a gradient of 1 a logit
+        first = method.discriminator_losses(images, masks, images.flip(-1))
+    assert not torch.isfinite(first["discr_adv"])  # what the backward pass takes: the scaler skips the step
+    assert torch.isfinite(first["discr_adv_reported"]) and first["discr_r1_overflow"] == 1
+    assert first["discr_real_gp"] == 0
+
+    method.grad_scaler.update(new_scale=2.0 ** 8)  # where the scaler's backoff goes after such steps
+    with method.autocast():
+        second = method.discriminator_losses(images, masks, images.flip(-1))
+    method.set_precision("fp32")
+    exact = method.discriminator_losses(images, masks, images.flip(-1))
+    assert second["discr_r1_overflow"] == 0 and second["discr_real_gp"] > 0
+    torch.testing.assert_close(second["discr_real_gp"], exact["discr_real_gp"], rtol=5e-2, atol=0)
+    assert "discr_r1_overflow" not in exact  # fp32 reports what it always did

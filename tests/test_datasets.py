@@ -1,4 +1,4 @@
-"""bench.datasets: every real layout, built in tmp_path from tiny generated images, loads the right splits."""
+"""bench.data.datasets: every real layout, built in tmp_path from tiny generated images, loads the right splits."""
 from __future__ import annotations
 
 import csv
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.datasets import (CELEBA_LAYOUT, PARIS_LAYOUT, PLACES2_LAYOUT, ImageDataset, load_image_set, validate,
+from bench.data.datasets import (CELEBA_LAYOUT, PARIS_LAYOUT, PLACES2_LAYOUT, ImageDataset, load_image_set, validate,
                             write_split_manifest)
 from bench.errors import UserError
-from bench.images import write_png
+from bench.data.images import write_png
 
 
 def _image(path: Path, seed: int = 0, height: int = 12, width: int = 10) -> Path:

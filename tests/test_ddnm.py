@@ -327,7 +327,7 @@ def test_pre_drawn_noise_equals_one_draw_per_step_across_chunks(per_sample):
 
 def test_sampling_with_cpu_generators_draws_what_the_global_rng_would_per_step():
     """The sampler's noise from a CPU generator is pre-drawn; from the global RNG (the same seed, the same
-    sequence) it is drawn step by step, as before. Equal results show the same numbers reach the same steps, time
+    sequence) it is drawn step by step. Equal results show the same numbers reach the same steps, time
     travel included."""
     images, holes = inpainting_problem(batch=2)
     y, known = images * 2 - 1, 1 - holes

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from bench.config import ResourceConfig
-from bench.distributed import CellsFailed, cell_threads, infeasibility
+from bench.run.distributed import CellsFailed
+from bench.run.resources import cell_threads, infeasibility
 from bench.errors import UserError
-from bench.tracking import PARENT_TAG
+from bench.run.tracking import PARENT_TAG
 from pipelines.full_benchmark import run_benchmark
 from tiny_methods import config_from_dict, empty_mlflow_store, ensure_local_ray, tiny_config_dict, write_folder_dataset
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from baselines.ec import EdgeConnect, ec, ec_tiny
-from bench.discriminators import PatchDiscriminator
-from bench.edges import gray_and_edges
+from bench.nn.discriminators import PatchDiscriminator
+from bench.data.edges import gray_and_edges
 from bench.errors import CheckpointError, UserError, WeightsUnavailable
-from bench.weights import resolve_weights
+from bench.metrics.pretrained_registry import resolve_weights
 
 SN = ("weight_orig", "weight_u", "weight_v")  # hook-based spectral norm, as in the released files
 
@@ -46,7 +46,7 @@ def official_discriminator_keys() -> list[str]:
 def test_paper_sizes_parameter_counts_and_key_names():
     method = ec()
     try:
-        # counts obtained by instantiating the official classes (docs: baselines.md)
+        # counts obtained by instantiating the official classes (docs/official-sources.md)
         assert method.num_parameters() == {"edge_generator": 10_761_089, "inpaint_generator": 10_774_595,
                                            "edge_discriminator": 2_762_752, "inpaint_discriminator": 2_763_776}
         assert list(method.edge_generator.state_dict()) == official_generator_keys(spectral_norm=True)

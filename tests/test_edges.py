@@ -1,10 +1,10 @@
-"""Grayscale and Canny helpers (bench.edges): scikit-image's results, batched; known pixels only with a mask."""
+"""Grayscale and Canny helpers (bench.data.edges): scikit-image's results, batched; known pixels only with a mask."""
 import numpy as np
 import pytest
 import torch
 from skimage.feature import canny
 
-from bench.edges import canny_edges, gray_and_edges, rgb_to_gray
+from bench.data.edges import canny_edges, gray_and_edges, rgb_to_gray
 
 
 def square_images(batch: int = 2, size: int = 32) -> torch.Tensor:

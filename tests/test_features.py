@@ -18,11 +18,11 @@ import torchvision
 from skimage import data
 
 from bench.errors import CheckpointError, WeightsUnavailable
-from bench.features import (fid_inception_network, inception_fid_extractor, lite0_distance, lite0_extractor,
+from bench.metrics.features import (fid_inception_network, inception_fid_extractor, lite0_distance, lite0_extractor,
                             lpips_metric)
-from bench.metrics import mae, psnr, ssim
-from bench.scoring import Scorer
-from bench.weights import WEIGHTS
+from bench.metrics.functional import mae, psnr, ssim
+from bench.metrics.scoring import Scorer
+from bench.metrics.pretrained_registry import WEIGHTS
 
 
 @pytest.fixture(autouse=True)
@@ -242,8 +242,8 @@ def test_scorer_uses_explicit_files(random_inception_file, random_alexnet_file, 
 def test_a_shared_ground_truth_embedded_once_scores_like_each_pair_on_its_own(random_alexnet_file, monkeypatch):
     """Scorer.reference embeds each ground truth once for all its pairs; LPIPS split into embed + compare is the
     lpips package's forward operation for operation; the scores are those of every pair scored alone."""
-    from bench.features import uint8_to_signed
-    from bench.scoring import select
+    from bench.metrics.features import uint8_to_signed
+    from bench.metrics.scoring import select
 
     accept_test_files_for(monkeypatch, "alexnet")
     scorer = Scorer(device=torch.device("cpu"), lpips_trunk_path=random_alexnet_file)

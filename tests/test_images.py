@@ -1,8 +1,7 @@
-"""bench.images: bad files are one-line UserErrors naming the file; every mode becomes the right RGB."""
+"""bench.data.images: bad files are one-line UserErrors naming the file; every mode becomes the right RGB."""
 from __future__ import annotations
 
 import builtins
-import hashlib
 import io
 import os
 import struct
@@ -15,7 +14,7 @@ import torch
 from PIL import Image, ImageFile
 
 from bench.errors import UserError
-from bench.images import quantize, read_image, sha256_file, to_numpy_uint8, to_tensor, write_png
+from bench.data.images import quantize, read_image, to_numpy_uint8, to_tensor, write_png
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -315,12 +314,3 @@ def test_tensor_round_trip_and_quantize_rounds():
     assert quantize(values).dtype == torch.uint8
     with pytest.raises(ValueError):
         to_numpy_uint8(tensor)  # float input must be quantised explicitly first
-
-
-def test_sha256_file_matches_hashlib(tmp_path):
-    path = tmp_path / "blob.bin"
-    data = bytes(range(256)) * 5000
-    path.write_bytes(data)
-    assert sha256_file(path, chunk_bytes=4096) == hashlib.sha256(data).hexdigest()
-    with pytest.raises(UserError, match="does not exist"):
-        sha256_file(tmp_path / "absent.bin")

@@ -10,11 +10,11 @@ import torch
 
 from bench import create_method
 from bench.errors import CheckpointError, WeightsUnavailable
-from bench.methods import safe_torch_load
+from bench.checkpoint_format import safe_torch_load
 from baselines.lama import (InertObject, LaMa, ResNet50Dilated, big_lama, lama_fourier, lama_tiny,
                             load_ade20k_encoder, load_checkpoint_inertly, pad_to_multiple)
 
-# From /work/shared/docs/baselines.md: sums of p.numel() over the official classes at commit 786f593.
+# docs/official-sources.md: sums of p.numel() over the official classes at commit 786f593.
 OFFICIAL_LAMA_FOURIER_GENERATOR = 27_048_835
 OFFICIAL_BIG_LAMA_GENERATOR = 50_975_875
 OFFICIAL_PIX2PIXHD_DISCRIMINATOR = 6_962_369

@@ -4,7 +4,10 @@ an import inside a function counts as much as one at the top, and a broken modul
     bench/               never imports sahn, baselines, pipelines or reports (infrastructure under everything)
     sahn/, baselines/    methods: never each other, never pipelines or reports (shared layers live in bench)
     reports/             reads results, not models: never sahn, baselines or pipelines
-    pipelines/           entry points and benchmark scripts: may import anything
+    pipelines/           entry points and benchmark scripts: create methods by name (never sahn, baselines)
+
+Inside bench/, rooms stand on floors (BENCH_FLOORS): a module imports only its own floor or lower ones. No
+module of the repository reaches itself through imports (no circle), counting imports inside functions.
 """
 from __future__ import annotations
 
@@ -21,8 +24,22 @@ FORBIDDEN = {
     "sahn": ("baselines", "pipelines", "reports"),
     "baselines": ("sahn", "pipelines", "reports"),
     "reports": ("sahn", "baselines", "pipelines"),
-    "pipelines": (),
+    "pipelines": ("sahn", "baselines"),  # methods are created by name through the registry
 }
+# bench/'s floors, lowest first. A module may import its own floor and those below it, never one above.
+# The checkpoint format, files and errors are under everything (metric and teacher networks load files);
+# methods, the published-weights mapping and the config stand on data, metrics and network parts; the run
+# loops use all of those; the command line builds configs for the run.
+BENCH_FLOORS = (
+    ("bench.errors", "bench.files", "bench.devices", "bench.checkpoint_format"),
+    ("bench.data",),
+    ("bench.metrics",),
+    ("bench.nn",),
+    ("bench.methods", "bench.weights", "bench.config"),
+    ("bench.run",),
+    ("bench.cli",),
+    ("bench",),  # the package itself: the façade that re-exports the method interface (bench.create_method)
+)
 # baselines/ holds several methods, which must not import each other; a module that is part of one method
 # (DDNM's U-Net, kept apart from its sampler) belongs to that method's family. Unlisted modules are their own.
 BASELINE_FAMILY = {"ddnm_unet": "ddnm"}
@@ -44,15 +61,14 @@ def module_name(path: Path, root: Path) -> list[str]:
 
 
 def imported_modules(node: ast.AST, package: list[str]) -> list[str]:
-    """The modules one node imports, relative imports resolved; ``from bench import distributed`` names
-    ``bench.distributed`` (a package's submodule), ``from bench.masks import RATIO_BINS`` names ``bench.masks``."""
+    """The modules one node imports, relative imports resolved; ``from bench.run import distributed`` names
+    ``bench.run.distributed`` (a package's submodule), ``from bench.data.masks import RATIO_BINS`` names
+    ``bench.data.masks``."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom):
         base = package[:len(package) - node.level + 1] if node.level else []
         module = ".".join(base + ([node.module] if node.module else []))
-        if "." in module:
-            return [module]
         return [f"{module}.{alias.name}" if alias.name != "*" else module for alias in node.names]
     if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
         # importlib.import_module("x") / __import__("x") with a literal name is an import all the same
@@ -98,11 +114,111 @@ def violations(root: Path, layer: str) -> list[str]:
     return found
 
 
+def repository_modules(root: Path) -> dict[str, Path]:
+    return {".".join(module_name(path, root)): path for layer in LAYERS for path in python_files(root, layer)}
+
+
+def resolve(name: str, known: dict[str, Path]) -> str | None:
+    """The repository module an imported name lives in (``bench.data.masks.RATIO_BINS`` → ``bench.data.masks``),
+    or None for a module outside the repository."""
+    while name not in known and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name if name in known else None
+
+
+def import_graph(root: Path) -> dict[str, dict[str, Import]]:
+    """module → {imported repository module: the first import of it}."""
+    known = repository_modules(root)
+    graph: dict[str, dict[str, Import]] = {}
+    for module, path in known.items():
+        edges = graph.setdefault(module, {})
+        for edge in imports_in(path, root):
+            target = resolve(edge.module, known)
+            if target is not None and target != module:
+                edges.setdefault(target, edge)
+    return graph
+
+
+def floor_of(module: str) -> int | None:
+    best = None
+    for floor, prefixes in enumerate(BENCH_FLOORS):
+        for prefix in prefixes:
+            if module == prefix or (prefix != "bench" and module.startswith(prefix + ".")):
+                best = floor
+    return best
+
+
+def floor_violations(root: Path) -> list[str]:
+    found = []
+    for module, edges in import_graph(root).items():
+        if not module.startswith("bench"):
+            continue
+        own = floor_of(module)
+        if own is None:
+            found.append(f"{module} stands on no floor of BENCH_FLOORS")
+            continue
+        for target, edge in edges.items():
+            floor = floor_of(target)
+            if floor is not None and floor > own:
+                found.append(f"{edge} (floor {own} {BENCH_FLOORS[own][0]} never imports floor {floor} "
+                             f"{BENCH_FLOORS[floor][0]})")
+    return found
+
+
+def circles(root: Path) -> list[list[str]]:
+    """Every strongly connected group of two or more modules (Tarjan), each as a path that closes on itself."""
+    graph = import_graph(root)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph.get(module, {}):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return groups
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_every_module_keeps_to_its_layer(layer):
     assert python_files(REPOSITORY, layer), f"no Python files under {REPOSITORY / layer}"
     found = violations(REPOSITORY, layer)
     assert not found, "layering broken:\n" + "\n".join(found)
+
+
+def test_bench_rooms_import_only_their_own_floor_or_lower_ones():
+    found = floor_violations(REPOSITORY)
+    assert not found, "a bench/ room imports a higher one:\n" + "\n".join(found)
+
+
+def test_no_module_reaches_itself_through_imports():
+    graph = import_graph(REPOSITORY)
+    found = circles(REPOSITORY)
+    described = ["; ".join(str(graph[member][other]) for member in group for other in group if other in graph[member])
+                 for group in found]
+    assert not found, "import circles:\n" + "\n".join(described)
 
 
 def test_each_family_exception_is_an_import_that_exists():
@@ -136,11 +252,11 @@ def test_imports_anywhere_in_a_module_are_found_with_file_line_and_module(tmp_pa
     write(tmp_path, "baselines/__init__.py", "")
     write(tmp_path, "baselines/ddnm.py", "from baselines.ddnm_unet import UNet\nfrom . import ddnm_unet\n")
     write(tmp_path, "baselines/spl.py", "def f():\n    from baselines import ec, ddnm_unet\n")
-    write(tmp_path, "reports/tables.py", "from bench.masks import RATIO_BINS\nfrom reports import figures\n")
+    write(tmp_path, "reports/tables.py", "from bench.data.masks import RATIO_BINS\nfrom reports import figures\n")
     write(tmp_path, "reports/compare.py", "import baselines.lama as lama\n")
 
     assert violations(tmp_path, "bench") == [
-        "bench/loop.py:4 imports sahn.model (bench/ never imports sahn, baselines, pipelines, reports)",
+        "bench/loop.py:4 imports sahn.model.sahn_tiny (bench/ never imports sahn, baselines, pipelines, reports)",
         "bench/loop.py:6 imports pipelines.tune (bench/ never imports sahn, baselines, pipelines, reports)",
         "bench/loop.py:7 imports reports.build (bench/ never imports sahn, baselines, pipelines, reports)",
         "bench/loop.py:9 imports baselines.ec (bench/ never imports sahn, baselines, pipelines, reports)",
@@ -152,3 +268,20 @@ def test_imports_anywhere_in_a_module_are_found_with_file_line_and_module(tmp_pa
     assert violations(tmp_path, "reports") == [
         "reports/compare.py:1 imports baselines.lama (reports/ never imports sahn, baselines, pipelines)",
     ]
+
+
+def test_floors_and_circles_are_found_in_a_made_up_tree(tmp_path):
+    write(tmp_path, "bench/__init__.py", "")
+    write(tmp_path, "bench/errors.py", "")
+    write(tmp_path, "bench/data/__init__.py", "")
+    write(tmp_path, "bench/data/masks.py", "from bench.run.cell import run_cell\nfrom bench.errors import UserError\n")
+    write(tmp_path, "bench/run/__init__.py", "")
+    write(tmp_path, "bench/run/cell.py", "def f():\n    from bench.run import shards\n")
+    write(tmp_path, "bench/run/shards.py", "from bench.run.cell import f\nfrom bench.data import masks\n")
+    write(tmp_path, "bench/stray.py", "")
+
+    assert sorted(floor_violations(tmp_path)) == [
+        "bench.stray stands on no floor of BENCH_FLOORS",
+        "bench/data/masks.py:1 imports bench.run.cell.run_cell (floor 1 bench.data never imports floor 5 bench.run)",
+    ]
+    assert circles(tmp_path) == [["bench.data.masks", "bench.run.cell", "bench.run.shards"]]

@@ -1,11 +1,11 @@
-"""bench.losses: adversarial, hole-weighted L1, semantic prior and perceptual losses."""
+"""bench.nn.losses: adversarial, hole-weighted L1, semantic prior and perceptual losses."""
 import math
 
 import pytest
 import torch
 
 from bench.errors import UserError
-from bench.losses import (PerceptualLoss, create_perceptual_loss, discriminator_adversarial_loss,
+from bench.nn.losses import (PerceptualLoss, create_perceptual_loss, discriminator_adversarial_loss,
                           generator_adversarial_loss, hole_weighted_l1, resize_mask, semantic_prior_loss)
 
 

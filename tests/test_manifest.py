@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bench.manifest
-from bench.datasets import load_image_set
+import bench.data.manifest
+from bench.data.datasets import load_image_set
 from bench.errors import UserError
-from bench.manifest import (MANIFEST_CSV, MANIFEST_JSON, PROTOCOL_VERSION, MaskProtocol, build_manifest,
+from bench.data.manifest import (MANIFEST_CSV, MANIFEST_JSON, PROTOCOL_VERSION, MaskProtocol, build_manifest,
                             load_manifest, mask_seed)
-from bench.masks import MaskResizedWarning, hole_ratio, in_bin, read_mask
+from bench.data.masks import MaskResizedWarning, hole_ratio, in_bin, read_mask
 
 SIZE = 32
 SIX_BINS = ("(0.0,0.1]", "(0.1,0.2]", "(0.2,0.3]", "(0.3,0.4]", "(0.4,0.5]", "(0.5,0.6]")
@@ -116,7 +116,7 @@ def test_rebuilding_reuses_the_manifest_without_regenerating(photos, tmp_path, m
     def refuse(*args, **kwargs):
         raise AssertionError("a reused manifest must not draw masks again")
 
-    monkeypatch.setattr(bench.manifest, "generate_mask_in_bin", refuse)
+    monkeypatch.setattr(bench.data.manifest, "generate_mask_in_bin", refuse)
     reused = build_manifest(image_set(photos), MaskProtocol(), tmp_path / "out")
     assert reused.pairs == built.pairs
     assert stamps == {path: path.stat().st_mtime_ns for path in (tmp_path / "out").rglob("*") if path.is_file()}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from bench.errors import UserError
-from bench.masks import (PAPER_BINS, PRESETS, RATIO_BINS, FreeFormConfig, MaskNotBinaryWarning, MaskResizedWarning,
+from bench.data.masks import (PAPER_BINS, PRESETS, RATIO_BINS, FreeFormConfig, MaskNotBinaryWarning, MaskResizedWarning,
                          TrainMaskSampler, _preset_shapes, bin_label, generate_mask, generate_mask_in_bin, hole_ratio,
                          in_bin, nvidia_bin, nvidia_mask_set, parse_bin, read_mask)
 

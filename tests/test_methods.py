@@ -6,8 +6,8 @@ from torch import nn
 
 from bench import create_method
 from bench.errors import CheckpointError, NotTrainable, UserError
-from bench.methods import (InpaintingMethod, apply_overrides, available_methods, load_state_dict_strict,
-                           register_method, safe_torch_load, variant)
+from bench.methods import InpaintingMethod, apply_overrides, available_methods, register_method, variant
+from bench.checkpoint_format import load_state_dict_strict, safe_torch_load
 
 
 @dataclasses.dataclass
@@ -41,6 +41,24 @@ def test_registry_finds_entry_points_and_local_methods():
     assert "test_tiny" in available_methods("tiny")
     assert "test_tiny" not in available_methods("paper")
     assert "biharmonic" in available_methods("paper")  # scale "any" counts for both presets
+
+
+def test_every_module_declaring_variants_is_one_entry_point_line():
+    import importlib.metadata
+    from pathlib import Path
+
+    from bench.methods import ENTRY_POINT_GROUP
+
+    root = Path(__file__).resolve().parents[1]
+    declaring = {".".join(path.relative_to(root).with_suffix("").parts)
+                 for folder in ("sahn", "baselines") for path in (root / folder).rglob("*.py")
+                 if "\n@variant(" in path.read_text()}
+    entries = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+               if ep.dist is not None and ep.dist.name == "sahn-bench"]
+    assert all(ep.attr is None for ep in entries)  # modules, not one line per variant
+    assert sorted(ep.module for ep in entries) == sorted(declaring)
+    assert len(available_methods()) >= 24 and {"ddnm_imagenet", "sahn_paper_d_image", "spn_tiny"} <= set(
+        available_methods())
 
 
 def test_unknown_method_and_option_are_clear_errors():

@@ -10,8 +10,8 @@ from skimage import data
 from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bench import metrics
-from bench.metrics import (PSNR_CAP, frechet_distance, frechet_distance_of_features, gaussian_statistics, kid, mae,
+from bench.metrics import functional as metrics
+from bench.metrics.functional import (PSNR_CAP, frechet_distance, frechet_distance_of_features, gaussian_statistics, kid, mae,
                            pixel_metrics, psnr, ssim)
 
 
@@ -265,7 +265,7 @@ def test_frechet_distance_is_zero_for_identical_statistics_and_grows_with_a_shif
 
 
 def explicit_unbiased_mmd2(x, y):
-    """Bińkowski et al.'s unbiased estimator written as plain loops (independent of bench.metrics)."""
+    """Bińkowski et al.'s unbiased estimator written as plain loops (independent of bench.metrics.functional)."""
     m, d = x.shape
     k = lambda u, v: (u @ v / d + 1.0) ** 3  # noqa: E731
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))

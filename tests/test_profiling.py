@@ -1,4 +1,4 @@
-"""Efficiency measurement (bench.profiling, pipelines.efficiency) on the CPU with tiny networks: every figure
+"""Efficiency measurement (bench.run.profiling, pipelines.efficiency) on the CPU with tiny networks: every figure
 is finite and positive, FLOPs match a hand count, step scaling multiplies what it should."""
 import concurrent.futures
 import json
@@ -12,7 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench import methods, profiling
+from bench import methods
+
+from bench.run import profiling
 from bench.methods import InpaintingMethod, apply_overrides, register_method, variant
 from pipelines.efficiency import EfficiencyConfig, measure_method, run_efficiency
 
@@ -24,7 +26,7 @@ def tiny_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1))
 
 
-# ------------------------------------------------------------------------------------------ bench.profiling
+# ------------------------------------------------------------------------------------------ bench.run.profiling
 def test_latency_times_each_repeat_after_the_warmup_calls():
     net, x = tiny_net(), torch.rand(1, 3, 32, 32)
     calls = []
@@ -193,7 +195,7 @@ def test_bad_step_scaling_is_a_user_error(tmp_path):
 def test_published_weights_are_measured_as_loaded(tmp_path):
     """A checkpoint decides the network measured: a 16-channel file is measured at 16 channels although the
     variant's default is 8, and the row names the file and its sha256."""
-    from bench.checkpoints import checkpoint_sha256
+    from bench.weights import checkpoint_sha256
 
     checkpoint = tmp_path / "released.pt"
     methods.create_method("tiny_profiled", channels=16).save(checkpoint)

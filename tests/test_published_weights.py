@@ -12,18 +12,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from bench.cell import CellSpec, cell_fingerprint, parse_dataset
-from bench.checkpoints import PublishedWeights, checkpoint_sha256, weights_path
-from bench.datasets import load_image_set
-from bench.distributed import torch_threads
+from bench.run.cell import CellSpec, cell_fingerprint, cell_method, parse_dataset
+from bench.weights import PublishedWeights, check_published_weights, checkpoint_sha256, weights_path
+from bench.data.datasets import load_image_set
+from bench.run.resources import torch_threads
 from bench.errors import UserError
-from bench.evaluate import evaluate
-from bench.manifest import load_manifest
+from bench.run.evaluate import evaluate
+from bench.data.manifest import load_manifest
 from bench.methods import create_method
-from bench.scoring import Scorer
-from bench.train import train
+from bench.metrics.scoring import Scorer
+from bench.run.train import train
 from pipelines.full_benchmark import run_benchmark
-from official_layouts import ctsdg_file, ddnm_file, ec_folder, lama_folder, spl_file
+from official_layouts import LoadCounter, ctsdg_file, ddnm_file, ec_folder, lama_folder, spl_file
 from tiny_methods import config_from_dict, tiny_config_dict, write_folder_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -274,3 +274,25 @@ def test_a_release_of_another_method_stops_the_run_naming_what_it_is(tmp_path, d
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "EdgeConnect" in errors[0] and "loads into method ec_tiny, not ctsdg_tiny" in errors[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["ctsdg", "lama"])
+def test_the_driver_check_and_a_cell_each_read_a_published_file_once(tmp_path, monkeypatch, kind):
+    """The driver loads a file once for all the datasets it serves; a cell loads it once and checks its bytes with
+    one streaming hash (LaMa's Lightning file: a refused plain read, then the inert one)."""
+    if kind == "ctsdg":
+        ctsdg_file(tmp_path / "weights" / "celeba.pt")
+        method, path, checkpoint = "ctsdg_tiny", tmp_path / "weights" / "celeba.pt", tmp_path / "weights" / "celeba.pt"
+    else:
+        lama_folder(tmp_path / "weights" / "lama-fourier")
+        method, path = "lama_tiny", tmp_path / "weights" / "lama-fourier"
+        checkpoint = path / "models" / "best.ckpt"
+    reads = 2 if kind == "lama" else 1
+    config = config_from_dict(tiny_config_dict(tmp_path / "out", tmp_path, methods=(method,)))
+    counter = LoadCounter(monkeypatch)
+    checked = check_published_weights({method: str(path)}, [method], ["celeba", "paris", "places2"],
+                                      create=create_method, finetune=lambda name: False)
+    assert [file for file, _ in counter.loads] == [str(checkpoint)] * reads and counter.hashes == [str(checkpoint)]
+    cell = CellSpec(method, "faces", 0, str(tmp_path / "cell"), str(tmp_path / "manifest"), checked[(method, "paris")])
+    cell_method(config, cell, torch.device("cpu"), trained=False)
+    assert len(counter.loads) == 2 * reads and counter.hashes == [str(checkpoint)] * 2

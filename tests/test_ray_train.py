@@ -4,6 +4,7 @@ bit-identical; checkpoints carry the method's own keys; batch norm is synchronis
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,13 +14,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from bench import distributed
-from bench.cell import TRAINED_FILE, cell_fingerprint, train_and_save, train_cell
+from bench.run import distributed
+from bench.run.cell import TRAINED_FILE, cell_fingerprint, train_and_save, train_cell
 from bench.config import ResourceConfig
-from bench.data_parallel import Ranks, SynchronisedBatchNorm, diverged_keys, synchronise_batch_norm
+from bench.run.data_parallel import Ranks, SynchronisedBatchNorm, diverged_keys, synchronise_batch_norm
 from bench.errors import UserError
-from bench.methods import create_method, safe_torch_load
-from bench.ray_train import training_workers, worker_resources, workers_problem
+from bench.methods import create_method
+from bench.checkpoint_format import safe_torch_load
+from bench.cli import run_main
+from bench.run.ray_train import fit_on_workers
+from bench.run.resources import check_feasible, cluster_problem, training_workers, worker_resources
 from pipelines.full_benchmark import prepare, run_benchmark
 from tiny_methods import config_from_dict, ensure_local_ray, tiny_config_dict, write_folder_dataset
 
@@ -214,6 +218,111 @@ def test_serial_runs_refuse_several_training_workers(tmp_path, dataset, capsys):
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------------------------ errors workers hand back
+def test_full_benchmark_refuses_a_batch_its_workers_cannot_split_before_any_work(tmp_path, dataset, capsys):
+    """What a new user tried: --methods lama_tiny --train-workers 2 --batch-size 3. One line and exit code 2, from
+    the driver before any training task (Ray Train used to restart the workers 3 times, then print a traceback)."""
+    ensure_local_ray()
+    values = tiny_config_dict(tmp_path / "out", dataset, methods=("lama_tiny",), steps=2,
+                              mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    values["train"]["batch_size"] = 3
+    values["resources"].update(train_workers=2, ray_address=os.environ.get("RAY_ADDRESS") or None)
+    config = config_from_dict(values)
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_code:
+        run_main(lambda: run_benchmark(config))
+    assert exit_code.value.code == 2 and time.perf_counter() - started < 120
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]  # beside MLflow's log lines
+    assert len(errors) == 1 and "Traceback" not in stderr and stderr.strip().endswith(errors[0])
+    assert "a batch of 3 cannot be split evenly over 2 training workers: use --batch-size 2 or 4" in errors[0]
+    (cell,) = prepare(config).cells
+    assert not (Path(cell.cell_dir) / "train_state.pt").exists() and not (Path(cell.cell_dir) / "ray_train").exists()
+
+
+def test_a_user_error_in_the_workers_comes_back_as_itself(tmp_path, dataset):
+    """The same batch given to the workers themselves (the driver's check bypassed): the UserError they meet comes
+    back as itself, not as Ray Train's WorkerGroupError after three restarts."""
+    ensure_local_ray()
+    config = cell_config(tmp_path, dataset, workers=2, batch=3)
+    with pytest.raises(UserError, match="a batch of 3 cannot be split evenly over 2 training workers"):
+        train_cell(config, only_cell(config), progress=False)
+
+
+def test_a_non_finite_loss_in_the_workers_is_reported_once_not_retried(tmp_path, dataset):
+    """An infinite learning rate makes step 1's loss NaN on both ranks. The error comes back as the
+    FloatingPointError one process raises, and no worker trains again (each rank logged one start)."""
+    ensure_local_ray()
+    starts = tmp_path / "starts.log"
+    options = {"tiny_trainer": {"lr": float("inf"), "start_log": str(starts)}}
+    config = cell_config(tmp_path / "out", dataset, workers=2, method_options=options, steps=3)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        train_cell(config, only_cell(config), progress=False)
+    assert starts.read_text().split() == ["0", "0"]
+
+
+# ------------------------------------------------------------------------------------ feasibility in fit_on_workers
+class FakeTrainer:
+    """Stands for TorchTrainer: records that it was made and fits at once."""
+    made: list[dict] = []
+
+    def __init__(self, *args, **kwargs):
+        FakeTrainer.made.append(kwargs)
+
+    def fit(self):
+        return type("Result", (), {"error": None})()
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    """A cluster of mocked nodes (total resources) on which nothing is free now, and a fake TorchTrainer."""
+    import ray
+    import ray.train.torch
+
+    FakeTrainer.made = []
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(ray, "available_resources", lambda: {})
+
+    def with_nodes(*nodes: dict) -> None:
+        monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node} for node in nodes]
+                            + [{"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}])  # a dead node counts for nothing
+    return with_nodes
+
+
+def test_workers_the_cluster_can_never_hold_are_refused_before_ray_train_waits(cluster, tmp_path):
+    cluster({"CPU": 16.0, "GPU": 1.0})
+    with pytest.raises(UserError, match=r"2 training worker\(s\) of 1 CPU and 1 GPU each.*can hold only 1 of them"):
+        fit_on_workers(print, {}, ResourceConfig(cpus_per_cell=2, gpus_per_cell=2), name="run", folder=tmp_path)
+    cluster({"CPU": 16.0})
+    with pytest.raises(UserError, match=r"1 training worker\(s\) of 1 CPU and 1 GPU"):  # one worker waits as long
+        fit_on_workers(print, {}, ResourceConfig(cpus_per_cell=1, gpus_per_cell=1), name="run", folder=tmp_path / "gpu")
+    assert FakeTrainer.made == []
+
+
+def test_workers_are_judged_by_the_clusters_totals_not_what_is_free(cluster, tmp_path):
+    """Trials and cells side by side hold resources now and free them later: only the totals decide."""
+    cluster({"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0})
+    fit_on_workers(print, {}, ResourceConfig(cpus_per_cell=2, gpus_per_cell=2), name="run", folder=tmp_path)
+    assert len(FakeTrainer.made) == 1
+
+
+def test_train_scaling_on_one_gpu_stops_with_one_line_before_training(cluster, monkeypatch, capsys):
+    import ray
+
+    from pipelines.benchmarks import train_scaling
+
+    cluster({"CPU": 2.0, "GPU": 1.0})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(train_scaling, "measure", lambda *args, **kwargs: pytest.fail("it trained"))
+    with pytest.raises(SystemExit) as exit_code:
+        run_main(lambda: train_scaling.main(["--gpu"]))  # the default --workers 1 2
+    assert exit_code.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: 2 training worker(s) of 1 CPU and 1 GPU each") and len(stderr.splitlines()) == 1
+
+
 # ------------------------------------------------------------------------------------ requests
 @pytest.mark.parametrize("workers, gpus, expected", [(0, 0, 1), (0, 0.5, 1), (0, 1, 1), (0, 4, 4), (2, 0, 2),
                                                      (4, 4, 4), (1, 0, 1)])
@@ -235,11 +344,11 @@ def test_each_worker_and_evaluation_task_asks_for_an_even_share():
     alone = ResourceConfig(cpus_per_cell=2, gpus_per_cell=0.5)
     assert worker_resources(alone) is alone
     two_nodes = [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 4.0, "GPU": 2.0}]
-    assert workers_problem(ResourceConfig(cpus_per_cell=8, gpus_per_cell=4), two_nodes) is None  # across nodes
-    problem = workers_problem(ResourceConfig(cpus_per_cell=8, gpus_per_cell=8), two_nodes)
-    assert "holds only 4" in problem
-    with pytest.raises(UserError, match="holds only 4"):
-        distributed.check_feasible(ResourceConfig(cpus_per_cell=8, gpus_per_cell=8), two_nodes)
+    assert cluster_problem(ResourceConfig(cpus_per_cell=8, gpus_per_cell=4), two_nodes) is None  # across nodes
+    problem = cluster_problem(ResourceConfig(cpus_per_cell=8, gpus_per_cell=8), two_nodes)
+    assert "can hold only 4" in problem
+    with pytest.raises(UserError, match="can hold only 4"):
+        check_feasible(ResourceConfig(cpus_per_cell=8, gpus_per_cell=8), two_nodes)
 
 
 def test_a_batch_the_workers_cannot_split_is_refused():

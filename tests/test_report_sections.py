@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.datasets import load_image_set
-from bench.images import read_image, write_png
-from bench.manifest import MaskProtocol, build_manifest
-from bench.masks import in_bin
+from bench.data.datasets import load_image_set
+from bench.data.images import read_image, write_png
+from bench.data.manifest import MaskProtocol, build_manifest
+from bench.data.masks import in_bin
 from reports import efficiency_table, intervals, paper_compare, qualitative, tables
 from reports.results import find_cells
 
@@ -32,7 +32,7 @@ def write_dataset(root: Path, count: int = 3) -> Path:
 def write_cell(folder: Path, record: dict, per_image: pd.DataFrame, summary: pd.DataFrame | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     per_image.to_csv(folder / "per_image.csv", index=False)
-    if summary is None:  # per-image means per bin, like bench.aggregate.summarize
+    if summary is None:  # per-image means per bin, like bench.metrics.aggregate.summarize
         rows = []
         for label in ("(0.2,0.4]", "(0.4,0.6]", "All", "(0.5,0.6]"):
             chosen = per_image[[in_bin(r, label) for r in per_image["ratio"]]]
@@ -175,6 +175,34 @@ def test_qualitative_grids_show_the_rule_chosen_pairs_in_png_and_pdf(results):
     hole = manifest.read_mask(expected[0]).astype(bool)
     assert (panels[1][hole] == 255).all()  # the masked input shows holes white
     assert (panels[2][hole] == 128).all() and (panels[4][hole] == 0).all()  # each method's own composite
+
+
+def results_saving(out: Path, copy: Path, kept) -> Path:
+    """A copy of the results whose cells saved only the composites of the pairs ``kept(pair_id)`` says."""
+    import shutil
+
+    shutil.copytree(out / "toy", copy / "toy", ignore=shutil.ignore_patterns("report"))
+    for per_image_path in (copy / "toy").glob("*/per_image.csv"):
+        rows = pd.read_csv(per_image_path, keep_default_na=False)
+        rows["output"] = [output if kept(pair_id) else "" for pair_id, output in zip(rows["pair_id"], rows["output"])]
+        rows.to_csv(per_image_path, index=False)
+    return copy
+
+
+def test_qualitative_grids_pick_among_the_saved_sample_and_say_when_nothing_was_saved(results, tmp_path):
+    out, manifest = results
+    in_bin_pairs = sorted((p for p in manifest.pairs if in_bin(p.ratio, "(0.2,0.4]")),
+                          key=lambda p: (abs(p.ratio - 0.3), p.pair_id))
+    sampled = {p.pair_id for p in in_bin_pairs[1:]}  # the rule's first choice was not kept
+    sample = results_saving(out, tmp_path / "sample", lambda pair_id: pair_id in sampled)
+    _, rows, _ = qualitative._figure_rows(find_cells(sample), "(0.2,0.4]", 1)
+    assert [row_label.split("\n")[1] for row_label, _ in rows] == [in_bin_pairs[1].pair_id]
+    assert not any(isinstance(panel, str) for panel in rows[0][1])  # every method's composite is shown
+
+    nothing = results_saving(out, tmp_path / "none", lambda pair_id: False)
+    lines = qualitative.section(find_cells(nothing), nothing)
+    assert any("no pair has a saved composite" in line for line in lines)
+    assert not list((nothing / "report" / "figures").glob("qualitative_fig*.png"))
 
 
 def test_qualitative_section_explains_when_results_come_without_files():

@@ -7,11 +7,11 @@ from torchvision.ops import deform_conv2d
 
 import bench
 from bench.config import TrainConfig
-from bench.datasets import load_image_set
+from bench.data.datasets import load_image_set
 from bench.errors import UserError
-from bench.layers import SPADE, DeformableConv2d, gather_deform_conv2d
-from bench.losses import semantic_prior_loss
-from bench.train import train
+from bench.nn.layers import SPADE, DeformableConv2d, gather_deform_conv2d
+from bench.nn.losses import semantic_prior_loss
+from bench.run.train import train
 from sahn.model import PAPER_PARAMETERS, SAHN, SAHNConfig, broken_image, sahn_paper, sahn_tiny, upsample_image
 
 

@@ -10,8 +10,8 @@ from torchvision.ops import DeformConv2d, deform_conv2d
 
 import bench
 from bench.errors import UserError
-from bench.layers import DeformableConv2d, gather_deform_conv2d
-from bench.losses import discriminator_adversarial_loss, generator_adversarial_loss
+from bench.nn.layers import DeformableConv2d, gather_deform_conv2d
+from bench.nn.losses import discriminator_adversarial_loss, generator_adversarial_loss
 from sahn.deformable import SAHNDeformableConv2d, bag_deform_conv2d
 from sahn.discriminator import MaskGuidedDiscriminator, discriminator_loss, generator_loss
 from sahn.model import SAHNConfig, broken_image, sahn_paper, sahn_tiny

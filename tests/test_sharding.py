@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import distributed
-from bench.aggregate import load_features
-from bench.cell import TRAINED_FILE, evaluate_shard, plan_cell_shards, read_done, run_cell, train_cell
+from bench.run import distributed
+from bench.metrics.aggregate import load_features
+from bench.run.cell import TRAINED_FILE, evaluate_shard, plan_cell_shards, read_done, run_cell, train_cell
 from bench.errors import UserError
-from bench.evaluate import PngWriter, evaluate_pairs, shared_images
-from bench.manifest import Pair, load_manifest
-from bench.shards import (AUTO_MIN_SHARD_PAIRS, SHARDS_FOLDER, Shard, automatic_shard_pairs, cluster_slots,
-                          shard_layout)
+from bench.run.evaluate import PngWriter, evaluate_pairs, shared_images
+from bench.data.manifest import Pair, load_manifest
+from bench.run.shards import AUTO_MIN_SHARD_PAIRS, SHARDS_FOLDER, Shard, automatic_shard_pairs, shard_layout
+from bench.run.resources import cluster_slots, torch_threads
 from pipelines.full_benchmark import prepare
 from tiny_methods import config_from_dict, ensure_local_ray, tiny_config_dict, write_folder_dataset
 
@@ -126,11 +126,11 @@ def test_png_writer_raises_the_first_error_in_the_loop_and_finishes_every_write(
 
 
 def test_a_bad_image_read_in_a_data_worker_is_a_one_line_user_error(tmp_path):
-    from bench.datasets import load_image_set
+    from bench.data.datasets import load_image_set
     from bench.errors import UserError
-    from bench.manifest import MaskProtocol, build_manifest
+    from bench.data.manifest import MaskProtocol, build_manifest
     from bench.methods import create_method
-    from bench.scoring import Scorer
+    from bench.metrics.scoring import Scorer
 
     data = write_folder_dataset(tmp_path / "data", train=0, test=2, size=32)
     test_set = load_image_set("folder", "test", root=str(data), image_size=32)
@@ -196,7 +196,7 @@ def test_bf16_runs_a_tiny_method_end_to_end_and_records_its_precision(tmp_path, 
 
 
 def composite_pixels(cell) -> np.ndarray:
-    from bench.images import read_image
+    from bench.data.images import read_image
 
     return np.stack([read_image(p) for p in sorted((cell_folder(cell) / "images").glob("*.png"))]).astype(int)
 
@@ -223,14 +223,14 @@ def test_ddnm_gives_a_pair_the_same_result_in_any_shard_or_batch_layout(tmp_path
 def test_one_ground_truth_embedding_per_batch_scores_like_each_pair_alone(tmp_path, dataset):
     """The ground truth of several pairs goes through the distance network once per batch, and the ground
     truths' FID features once per image: the values are those of every pair scored on its own."""
-    from bench.cell import cell_scorer, cell_method
+    from bench.run.cell import cell_scorer, cell_method
 
     config = tiny_config(tmp_path / "out", dataset, methods=("tiny_trainer",), steps=0, batch=6)
     cell = only_cell(config)
     manifest = load_manifest(cell.manifest_dir)
     scorer = cell_scorer(config, torch.device("cpu"))
     method = cell_method(config, cell, torch.device("cpu"), trained=False)
-    with distributed.torch_threads(1):
+    with torch_threads(1):
         batched = evaluate_pairs(method, manifest, scorer, batch_size=6, save_images=False, progress=False)
         alone = [evaluate_pairs(method, manifest, scorer, start=i, stop=i + 1, batch_size=1, save_images=False,
                                 progress=False) for i in range(len(manifest.pairs))]

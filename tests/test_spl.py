@@ -78,7 +78,7 @@ def official_discriminator_keys() -> list[str]:
 @pytest.mark.parametrize("factory, generator_parameters, official_keys", [
     (spl, 45_597_223, official_spl_keys), (spn, 50_702_643, official_spn_keys)])
 def test_paper_sizes_parameter_counts_and_key_names(factory, generator_parameters, official_keys):
-    # counts from instantiating the official classes (docs: baselines.md); the heads are TResNet-L's
+    # counts from instantiating the official classes (docs/official-sources.md); the heads are TResNet-L's
     method = factory(teacher="tresnet_l")  # built without the teacher's weights file: it is only used to train
     try:
         assert method.num_parameters() == {"generator": generator_parameters, "discriminator": 2_763_776}
@@ -351,8 +351,8 @@ def test_train_steps_follow_the_losses_and_the_step_schedule():
     for step, terms in enumerate(losses):
         assert all(torch.isfinite(v) for v in terms.values())  # detached 0-d tensors
         prior_weight = 1.0 if step < 2 else 0.0  # cut once two steps are done
-        expected = terms["g_adv"] + 10 * terms["g_l1"] + prior_weight * terms["g_prior"]
-        assert terms["g_total"] == pytest.approx(expected, rel=1e-5)
+        expected = float(terms["g_adv"]) + 10 * float(terms["g_l1"]) + prior_weight * float(terms["g_prior"])
+        assert float(terms["g_total"]) == pytest.approx(expected, rel=1e-5)
         assert terms["g_prior"] > 0
     after = method.state_dict()
     assert int(after["steps_done"]) == 3

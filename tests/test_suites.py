@@ -1,4 +1,4 @@
-"""bench.suites: embedded suites build offline, deterministically, split by source photo, fully documented."""
+"""bench.data.suites: embedded suites build offline, deterministically, split by source photo, fully documented."""
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import suites
-from bench.datasets import load_image_set
+from bench.data import suites
+from bench.data.datasets import load_image_set
 from bench.errors import UserError
-from bench.suites import SOURCES_FILE, SUITES, build_suite, suite_sources
+from bench.data.suites import SOURCES_FILE, SUITES, build_suite, suite_sources
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:

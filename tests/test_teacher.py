@@ -1,4 +1,4 @@
-"""bench.teacher: the frozen semantic teacher (EfficientNet-Lite0 substitute, ASL TResNet-L loader)."""
+"""bench.nn.teacher: the frozen semantic teacher (EfficientNet-Lite0 substitute, ASL TResNet-L loader)."""
 import re
 
 import pytest
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import UserError, WeightsUnavailable
-from bench.layers import FrozenNetworks
-from bench.pretrained import efficientnet_lite0_features, lite0_normalize
-from bench.teacher import (SemanticTeacher, create_teacher, lite0_teacher, substitution_note, tresnet_l_stem,
+from bench.nn.layers import FrozenNetworks
+from bench.metrics.pretrained import efficientnet_lite0_features, lite0_normalize
+from bench.nn.teacher import (SemanticTeacher, create_teacher, lite0_teacher, substitution_note, tresnet_l_stem,
                            tresnet_l_teacher)
 
 
@@ -176,4 +176,4 @@ def test_stem_is_timm_tresnet_l_up_to_layer2():
                 if k.split(".")[1] in ("conv1", "layer1", "layer2")}
     got = {"body." + k: tuple(v.shape) for k, v in tresnet_l_stem().state_dict().items()}
     assert got == expected
-    assert sum(p.numel() for p in tresnet_l_stem().parameters()) == 2_578_192  # baselines.md: SPL's teacher
+    assert sum(p.numel() for p in tresnet_l_stem().parameters()) == 2_578_192  # SPL's teacher: docs/official-sources.md

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.errors import UserError
-from bench.tracking import (EXPERIMENT_KIND_TAG, PARENT_TAG, Tracker, bin_key, bin_label_of_key, cell_metrics,
+from bench.run.tracking import (EXPERIMENT_KIND_TAG, PARENT_TAG, Tracker, bin_key, bin_label_of_key, cell_metrics,
                             default_uri, load_cells, parse_summary_metric_name, resolve_uri)
 from reports.build import build_report, build_report_from_mlflow
 from tiny_methods import empty_mlflow_store
@@ -28,7 +28,7 @@ CONFIG = {"out": "x", "train": {"steps": 3, "seed": 0}, "data": {"datasets": ["f
 
 
 def write_cell(out: Path, method: str, paper_name, values: dict[str, float], losses: pd.DataFrame | None) -> Path:
-    """A finished cell folder as bench.cell.run_cell leaves it (cell.json, CSVs, composites, masks)."""
+    """A finished cell folder as bench.run.cell.run_cell leaves it (cell.json, CSVs, composites, masks)."""
     folder = out / "faces" / method
     (folder / "images").mkdir(parents=True)
     rows, summary = [], []
@@ -197,7 +197,7 @@ def test_relogging_the_same_cells_adds_no_runs_and_a_rerun_cell_gets_a_new_one(b
     assert [c.record["train_seconds"] for c in cells if c.method == "tiny_net"] == [9.0]  # the newest run wins
 
 
-# cell.json's eval_shards as bench.cell.cell_record writes it for a cell evaluated in three shards.
+# cell.json's eval_shards as bench.run.cell.cell_record writes it for a cell evaluated in three shards.
 EVAL_SHARDS = [{"pairs": [0, 40], "seconds": 12.25, "device": "cuda", "gpu_ids": [0], "node_id": "node-a"},
                {"pairs": [40, 80], "seconds": 1 / 3, "device": "cuda", "gpu_ids": [1], "node_id": "node-b"},
                {"pairs": [80, 90], "seconds": 7.5, "device": "cpu", "gpu_ids": [], "node_id": None}]

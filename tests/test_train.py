@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from bench.config import TrainConfig
-from bench.datasets import load_image_set
-from bench.edges import canny_edges, rgb_to_gray
+from bench.data.datasets import load_image_set
+from bench.data.edges import canny_edges, rgb_to_gray
 from bench.errors import NotTrainable, UserError
-from bench.masks import FreeFormConfig, TrainMaskSampler
-from bench.methods import create_method, safe_torch_load
-from bench.train import ImageCache, TrainingBatches, sample_images, train
+from bench.data.masks import FreeFormConfig, TrainMaskSampler
+from bench.methods import create_method
+from bench.checkpoint_format import safe_torch_load
+from bench.run.train import ImageCache, TrainingBatches, sample_images, train
 from tests.tiny_methods import TinyTrainer, TinyTrainerConfig
 
 

@@ -18,17 +18,20 @@ import yaml
 
 from bench.cli import parse_config
 from bench.config import BenchmarkConfig, TrackingConfig, TrainConfig, to_dict
-from bench.datasets import load_image_set
+from bench.data.datasets import load_image_set
 from bench.errors import UserError
-from bench.images import write_png
-from bench.manifest import MaskProtocol, build_manifest
+from bench.data.images import write_png
+from bench.data.manifest import MaskProtocol, build_manifest
 from bench.methods import create_method, register_method, variant
-from bench.ray_train import worker_resources
-from bench.tracking import PARENT_TAG, ROLE_TAG
+from bench.run.resources import worker_resources
+from bench.run.tracking import PARENT_TAG, ROLE_TAG
 from pipelines import full_benchmark
-from pipelines.tune import (COMPLETED, FAILED, PRESETS, STOPPED_EARLY, AshaConfig, SearchSpace, TrialResources,
-                            TuneConfig, ValidationConfig, check_config, choose_best, chunk_losses, expected_trials,
-                            param_space, run_search, search_identity, trial_request, trial_resource_config)
+from pipelines.search.options import (COMPLETED, FAILED, STOPPED_EARLY, AshaConfig, SearchSpace, TrialResources,
+                                      TuneConfig, ValidationConfig, check_config, expected_trials, param_space,
+                                      search_identity, trial_request, trial_resource_config)
+from pipelines.search.results import choose_best
+from pipelines.search.trial import chunk_losses
+from pipelines.tune import PRESETS, run_search
 from reports.sensitivity import sensitivity_figure
 from tiny_methods import empty_mlflow_store, ensure_local_ray, wait_for
 
@@ -323,8 +326,15 @@ def test_a_rerun_with_other_options_is_refused(reference, dataset):
 
 def test_a_trial_trains_in_two_workers_like_one_process(tmp_path, dataset, store_template, reference):
     """One trial (α 0.2) whose chunks train in 2 Ray Train workers × 1 image, against the reference search's
-    α 0.2 trial (one process × 2 images): the same reports, the same losses within float round-off (the
-    workers split the process's batch), and the trial scored the weights its workers trained."""
+    α 0.2 trial (one process × 2 images): the same reports, the same losses up to the round-off of two training
+    steps (the workers split the process's batch), and the trial scored the weights its workers trained.
+
+    The tolerance is what holds on any CPU, not on this one. A report's losses are the mean over its chunk's steps,
+    and step 1 follows an Adam update, which does not shrink differences the way a forward pass does. On the
+    machines of tests/test_data_parallel.py both steps agree within 3e-7 (and that test compares step 0's
+    losses and gradients of every GAN method within round-off), but a fresh machine's first report differed by
+    2.1e-4 (29.106 vs 29.100). A different computation is far outside the bound: another share of the batch,
+    or each worker normalising by its own half's statistics, moves these losses by 1e-2 or more."""
     out = tmp_path / "out"
     with_store(out, store_template)
     # cpus_per_trial 2 on the 2-CPU cluster: the workers take both CPUs, so a trial holding any would hang.
@@ -339,12 +349,14 @@ def test_a_trial_trains_in_two_workers_like_one_process(tmp_path, dataset, store
     assert list(ours["step"]) == list(theirs["step"]) == [2, 4]
     losses = [column for column in theirs if column.startswith("loss_")]
     assert losses and sorted(losses) == sorted(c for c in ours if c.startswith("loss_"))
-    np.testing.assert_allclose(ours.loc[0, losses].astype(float), theirs.loc[0, losses].astype(float), rtol=1e-5,
+    np.testing.assert_allclose(ours.loc[0, losses].astype(float), theirs.loc[0, losses].astype(float), rtol=1e-3,
                                atol=0)
     # The trial process scored what its workers trained (untrained weights would score alike at steps 2 and 4);
     # weights within round-off may still flip a few uint8 pixels of the composites, hence not exact.
     metrics = ["psnr", "ssim", "mae"]
-    np.testing.assert_allclose(ours[metrics].astype(float), theirs[metrics].astype(float), rtol=1e-4, atol=0)
+    np.testing.assert_allclose(ours[metrics].astype(float), theirs[metrics].astype(float), rtol=1e-3, atol=0)
+    assert not np.allclose(theirs.loc[0, metrics].astype(float), theirs.loc[1, metrics].astype(float), rtol=1e-3,
+                           atol=0)  # the bound tells trained weights from untrained ones
     assert not list((out / "search").glob("trial_*/workers")) and not list((out / "search").glob("trial_*/ray_train"))
 
 

@@ -153,7 +153,7 @@ def ensure_local_ray() -> str:
 # ------------------------------------------------------------------------------------ data
 def write_folder_dataset(root: Path, *, train: int = 6, test: int = 3, size: int = 32, seed: int = 0) -> Path:
     """A ``folder:`` dataset with ``train/`` and ``test/`` subfolders of smooth random images."""
-    from bench.images import write_png
+    from bench.data.images import write_png
 
     rng = np.random.default_rng(seed)
     for split, count in (("train", train), ("test", test)):
@@ -215,7 +215,7 @@ def wait_for(condition, driver, log: Path, seconds: float = 300) -> None:
 if __name__ != "__main__":
     import ray.cloudpickle
 
-    # The driver ships method factories to Ray workers (bench.distributed); workers have no tests/ on
+    # The driver ships method factories to Ray workers (bench.run.distributed); workers have no tests/ on
     # their path, so the factory and its classes travel as code, not as an import.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from skimage import data
 from torch.utils.flop_counter import FlopCounterMode
 
-from baselines.ec import ec
-from bench.edges import gray_and_edges
+from bench import create_method
+from bench.data.edges import gray_and_edges
 
 
 def photo_batch(size: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,7 @@ def count_flops(run: Callable[[], object]) -> int:
 def measure(size: int = 256, batch: int = 1, repeats: int = 5) -> list[tuple[str, float, float, int | None]]:
     """Rows of (part, median wall seconds, median CPU seconds, FLOPs or None)."""
     torch.manual_seed(0)
-    method = ec().eval()
+    method = create_method("ec").eval()
     images, masks = photo_batch(size, batch)
     gray, edges = gray_and_edges(images, method.config.canny_sigma, masks)
     with torch.no_grad():

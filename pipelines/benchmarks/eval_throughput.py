@@ -3,11 +3,11 @@
     python -m pipelines.benchmarks.eval_throughput                      # 16 photos × 6 bins = 96 pairs at 256²
     python -m pipelines.benchmarks.eval_throughput --images 32 --shards 2
 
-A method that returns its input (``bench.plan.InputReturned``) is evaluated on synthetic 256² JPEG photos
+A method that returns its input (``bench.run.plan.InputReturned``) is evaluated on synthetic 256² JPEG photos
 with six free-form masks each, so everything timed is the harness: decode, mask, composite, quantise,
 scores, PNG write, CSV. Three figures, each printed with the machine's core count and load:
 
-  pairs/s, in-process      ``bench.evaluate.evaluate`` of the whole cell with one torch thread (a cell's default),
+  pairs/s, in-process      ``bench.run.evaluate.evaluate`` of the whole cell with one torch thread (a cell's default),
                            ``--data-workers 0`` and then ``--data-workers 2``; once with every available metric
                            network (Lite0 distance and features offline) and once with PSNR/SSIM/MAE only (the
                            data path alone). The ground truths' features are cached first, as after the first
@@ -36,17 +36,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import distributed
+from bench.run import distributed
+from bench.run.resources import torch_threads
 from pipelines.benchmarks.ray_efficiency import machine_efficiency
-from bench.cell import CellSpec, run_cell
+from bench.run.cell import CellSpec, run_cell
 from bench.config import BenchmarkConfig, DataConfig, ResourceConfig, TrackingConfig
-from bench.datasets import load_image_set
-from bench.evaluate import evaluate
-from bench.images import atomic_write_bytes
-from bench.manifest import MaskProtocol, build_manifest, load_manifest
+from bench.data.datasets import load_image_set
+from bench.run.evaluate import evaluate
+from bench.files import atomic_write_bytes
+from bench.data.manifest import MaskProtocol, build_manifest, load_manifest
 from bench.methods import register_method
-from bench.plan import InputReturned
-from bench.scoring import Scorer
+from bench.run.plan import InputReturned
+from bench.metrics.scoring import Scorer
 
 METHOD = "input_returned"
 BATCH = 16
@@ -79,7 +80,7 @@ def machine() -> str:
 
 def pairs_per_second(manifest, scorer: Scorer, out: Path, workers: int) -> float:
     method = InputReturned()
-    with distributed.torch_threads(1):
+    with torch_threads(1):
         evaluate(method, manifest, out / "warm-up", scorer, batch_size=BATCH, progress=False, data_workers=workers)
         started = time.perf_counter()
         evaluate(method, manifest, out / "timed", scorer, batch_size=BATCH, progress=False, data_workers=workers)

@@ -8,7 +8,7 @@ photograph-like ground truth and its composite, which differs from it only insid
 noisy copy of the ground truth). For context it also times a dense workload where every pixel
 differs (the worst case for the eager SSIM, which skips windows with no differing pixel).
 
-Two backends of :func:`bench.metrics.pixel_metrics` are timed: the eager default and the compiled
+Two backends of :func:`bench.metrics.functional.pixel_metrics` are timed: the eager default and the compiled
 kernel (``compiled=True``). The compiled kernel's first call compiles it for the image size; that
 one-time cost is printed on its own line and left out of the timings, which measure steady-state
 throughput. It prints pairs/s of each side, each backend's speed-up and largest absolute difference
@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from bench.masks import RATIO_BINS, bin_label, generate_mask_in_bin
-from bench.metrics import PIXEL_METRICS, PSNR_CAP, pixel_metrics, pixel_metrics_backend
+from bench.data.masks import RATIO_BINS, bin_label, generate_mask_in_bin
+from bench.metrics.functional import PSNR_CAP, pixel_metrics, pixel_metrics_backend
+from bench.metrics.table import PIXEL_METRICS
 
 
 def ground_truths(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -74,7 +75,7 @@ def compare(label: str, composite: np.ndarray, truth: np.ndarray, repeats: int, 
     sides = {"scikit-image per image": lambda: reference_scores(composite, truth)}
     composite_t, truth_t = to_tensor(composite), to_tensor(truth)
     for backend, compiled in backends.items():
-        sides[f"bench.metrics {backend}"] = lambda compiled=compiled: batched_scores(composite_t, truth_t, compiled)
+        sides[f"bench.metrics.functional {backend}"] = lambda compiled=compiled: batched_scores(composite_t, truth_t, compiled)
     seconds = dict.fromkeys(sides, float("inf"))
     scores = {}
     for _ in range(repeats):  # alternating, so a busy moment of the machine hits every side alike
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     speedups = compare("composites (free-form holes, six ratio bins)", composite, truth, args.repeats, backends)
     compare("dense (every pixel differs; for context)", *make_pairs(args.pairs, args.size, dense=True), args.repeats,
             backends)
-    verdicts = ", ".join(f"{side.removeprefix('bench.metrics ')} {speedup:.1f}x ({'met' if speedup >= 10 else 'NOT met'})"
+    verdicts = ", ".join(f"{side.removeprefix('bench.metrics.functional ')} {speedup:.1f}x ({'met' if speedup >= 10 else 'NOT met'})"
                          for side, speedup in speedups.items())
     print(f"speed-up on the composites (target >= 10x): {verdicts}")
 

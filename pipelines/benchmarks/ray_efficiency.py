@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import distributed
-from bench.cell import CellSpec, run_cell
+from bench.run import distributed
+from bench.run.resources import cell_threads, torch_threads
+from bench.run.cell import CellSpec, run_cell
 from bench.config import BenchmarkConfig, DataConfig, MaskConfig, ResourceConfig, TrackingConfig, to_dict
-from bench.images import write_png
-from bench.manifest import load_manifest
-from bench.tracking import Tracker, default_uri
+from bench.data.images import write_png
+from bench.data.manifest import load_manifest
+from bench.run.tracking import Tracker, default_uri
 
 ROUND_TRIPS = 5
 # A fixed single-threaded CPU load, for the machine's own parallel efficiency (no Ray, no harness).
@@ -132,7 +133,7 @@ def relocated(cells: list[CellSpec], old: Path, new: Path) -> list[CellSpec]:
 
 def time_serial(config: BenchmarkConfig, cells: list[CellSpec]) -> list[float]:
     seconds = []
-    with distributed.torch_threads(distributed.cell_threads(config.resources)):
+    with torch_threads(cell_threads(config.resources)):
         for cell in cells:
             started = time.perf_counter()
             run_cell(config, cell, progress=False)

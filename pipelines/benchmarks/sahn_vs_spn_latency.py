@@ -1,7 +1,7 @@
 """SAHN against its ancestor SPN at the paper's size: CPU latency ratio beside FLOP ratio.
 
     python -m pipelines.benchmarks.sahn_vs_spn_latency [--size 256] [--batch 1] [--repeats 7] [--threads N]
-    python -m pipelines.benchmarks.sahn_vs_spn_latency --set sahn_paper deform_inference=gather  # the old inference path
+    python -m pipelines.benchmarks.sahn_vs_spn_latency --set sahn_paper deform_inference=gather  # inference with the training kernel
 
 Times ``inpaint`` of two registered methods (default ``sahn_paper`` and ``spn``) on the same photograph
 (scikit-image's astronaut, a centred square hole of a quarter of the image), and prints each one's median
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from skimage import data
 
 from bench.methods import create_method
-from bench.profiling import count_flops
+from bench.run.profiling import count_flops
 
 
 @dataclass

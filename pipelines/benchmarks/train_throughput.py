@@ -4,7 +4,7 @@
                                                 [--workers 0 2] [--precision fp32] [--device cpu] [--threads N]
 
 Trains a fresh, identically seeded method once per worker count on the embedded ``faces`` suite through
-:func:`bench.train.train` (the harness's own loop: batches, masks, the method's host-side preprocessing such as
+:func:`bench.run.train.train` (the harness's own loop: batches, masks, the method's host-side preprocessing such as
 EC's Canny edges, the step). The first step is left out of the rate (lazily built loss networks, worker start-up);
 the rest is wall time up to the end of training, after waiting for the device. Prints steps/s per worker count
 with the machine's core count and torch's thread count, and whether every logged loss and the final weights
@@ -21,9 +21,9 @@ import time
 import torch
 
 from bench.config import TrainConfig
-from bench.datasets import load_image_set
+from bench.data.datasets import load_image_set
 from bench.methods import create_method
-from bench.train import train
+from bench.run.train import train
 
 
 def wait_for(device: torch.device) -> None:

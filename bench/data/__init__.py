@@ -1,0 +1,1 @@
+"""Data: images, datasets and embedded suites, masks, the frozen manifest, edge maps."""

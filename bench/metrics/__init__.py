@@ -1,0 +1,1 @@
+"""Metrics: pure metric functions, feature networks, scoring, aggregation, the pretrained-network registry."""

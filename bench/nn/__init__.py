@@ -1,0 +1,1 @@
+"""Network parts shared by methods: layers, losses, discriminators, the semantic teacher, state-dict reading."""
