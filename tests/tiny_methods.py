@@ -36,6 +36,17 @@ from bench.methods import InpaintingMethod, apply_overrides, register_method, va
 PAUSE_LIMIT_SECONDS = 300  # a parked cell gives up waiting to be killed after this long
 
 
+def _first_to_create(marker: str, text: str) -> bool:
+    """Create ``marker`` unless it exists; True for the one process that created it. Atomic (O_EXCL): cells running
+    side by side share one marker, and a check-then-write would let two of them crash at once."""
+    try:
+        descriptor = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as stream:
+        stream.write(text)
+    return True
+
 @dataclass
 class TinyTrainerConfig:
     channels: int = 4
@@ -72,9 +83,7 @@ class TinyTrainer(InpaintingMethod):
     def _evaluation_hooks(self, pairs: int) -> None:
         config = self.config
         if config.crash_in_inpaint_marker is not None:
-            marker = Path(config.crash_in_inpaint_marker)
-            if not marker.exists():
-                marker.write_text(f"crashed in an evaluation batch of {pairs} pairs\n")
+            if _first_to_create(config.crash_in_inpaint_marker, f"crashed in an evaluation batch of {pairs} pairs\n"):
                 os._exit(1)  # a lost worker, as in _maybe_crash
         if config.inpaint_log is not None:
             with open(config.inpaint_log, "a") as log:
@@ -105,9 +114,7 @@ class TinyTrainer(InpaintingMethod):
         config = self.config
         if config.crash_at_step is None or step != config.crash_at_step or config.crash_marker is None:
             return
-        marker = Path(config.crash_marker)
-        if not marker.exists():
-            marker.write_text(f"crashed at step {step}\n")
+        if _first_to_create(config.crash_marker, f"crashed at step {step}\n"):
             os._exit(1)  # what a segfault or an OOM kill looks like to Ray: the worker process is gone
 
     def _maybe_pause(self, step: int) -> None:
