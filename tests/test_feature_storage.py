@@ -1,7 +1,10 @@
 """How a cell stores what its set-level metrics need, and what that costs: float32 composite features, the ground
 truth once per test image in the manifest's cache (one file per key) and referenced by the cells, FID/KID exactly
-as before from those files, bytes per pair within budget, and a merge whose memory does not grow with the pairs."""
+as before from those files, bytes per pair within budget, and pieces written as they are scored and a merge,
+neither of whose memory grows with the pairs."""
 import functools
+import itertools
+import itertools
 import tracemalloc
 from pathlib import Path
 
@@ -14,11 +17,12 @@ from torch import nn
 import bench.metrics.aggregate
 import bench.run.evaluate
 from bench.metrics.aggregate import GT_ROWS, DEFAULT_BINS, bin_members, open_features, save_features, summarize
-from bench.run.evaluate import (FEATURES_FORMAT, GroundTruth, PairResults, cell_features, key_digest, write_results)
+from bench.run.evaluate import (FEATURES_FORMAT, GroundTruth, PairResults, ScoredBatch, cell_features, key_digest,
+                                write_pair_files, write_results)
 from bench.metrics.functional import frechet_distance_of_features, kid
 from bench.metrics.scoring import Scorer
 from bench.run.resources import finish_task_memory
-from bench.run.shards import Shard, merge_shards, write_shard
+from bench.run.shards import Shard, merge_shards, write_shard_done, write_shard_files
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -123,7 +127,8 @@ def write_synthetic_shards(cell: Path, images: int, shard_pairs: int, dim: int) 
     for shard in shards:
         piece = PairResults(per_image.iloc[shard.start:shard.stop].reset_index(drop=True),
                             {k: v[shard.start:shard.stop] for k, v in pred.items()}, 1.0)
-        write_shard(cell, shard, piece, {"feature_key": {}})
+        write_shard_files(cell, shard, piece)
+        write_shard_done(cell, shard, piece.seconds, {"feature_key": {}})
     key = "stand-in key"
     return shards, GroundTruth(write_cache(cell.parent, truth, key), key_digest(key), image_rows)
 
@@ -147,6 +152,63 @@ def test_merge_memory_does_not_grow_with_the_pairs_beyond_their_scalars(tmp_path
     print(f"merge peak: {small / 2**20:.2f} MiB at 1,200 pairs, {large / 2**20:.2f} MiB at 4,800 "
           f"({growth_per_pair:.0f} B per added pair; features are 1,024 B a pair)")
     assert growth_per_pair < 400  # whole features would add over 1,024 B a pair (2,048 with the copy)
+
+
+def synthetic_batches(per_image: pd.DataFrame, pred: dict, batch: int):
+    """The rows and features of a cell as the evaluation loop hands them over, a batch at a time, each batch
+    made when asked for (as the loop makes them)."""
+    for start in range(0, len(per_image), batch):
+        rows = per_image.iloc[start:start + batch].to_dict("records")
+        yield ScoredBatch(rows, {name: values[start:start + batch].copy() for name, values in pred.items()})
+
+
+def piece_peak_bytes(tmp_path: Path, images: int, dim: int) -> int:
+    """Peak traced memory of writing one piece's files from batches, the batches' own making excluded as far as
+    they are views: the synthetic cell itself is made before tracing starts."""
+    per_image, pred, _, _ = synthetic_cell(images, {"efficientnet_lite0": dim}, seed=4)
+    per_image = per_image.assign(image="i", mask="m", output="", digest="0" * 16)
+    tracemalloc.start()
+    write_pair_files(tmp_path / f"piece{images}", synthetic_batches(per_image, pred, batch=32), float_format=None)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def test_a_piece_is_written_as_it_is_scored_in_memory_that_does_not_grow_with_its_features(tmp_path, monkeypatch):
+    """A shard's (or a one-piece cell's) files are written batch by batch: between N and 4N pairs of 512-d
+    float32 features (2 KB a pair) the peak grows by the per-pair scalars only. Holding the features until the
+    end, as the loop once did, would add at least 2,048 B a pair (4,096 with the final concatenation)."""
+    monkeypatch.setattr(bench.run.evaluate, "SPILL_CHUNK_ROWS", 256)
+    small, large = piece_peak_bytes(tmp_path, 200, 512), piece_peak_bytes(tmp_path, 800, 512)  # 1,200 and 4,800
+    growth_per_pair = (large - small) / (4800 - 1200)
+    print(f"piece peak: {small / 2**20:.2f} MiB at 1,200 pairs, {large / 2**20:.2f} MiB at 4,800 "
+          f"({growth_per_pair:.0f} B per added pair; features are 2,048 B a pair)")
+    assert growth_per_pair < 400
+
+
+def test_a_piece_written_from_batches_has_the_files_of_one_written_from_memory(tmp_path):
+    per_image, pred, truth, image_rows = synthetic_cell(7, {"efficientnet_lite0": 6, "inception_v3_fid": 5}, seed=5)
+    per_image = per_image.assign(image="i", mask="m", output="", digest="0" * 16)
+    key = "stand-in key"
+    ground_truth = GroundTruth(write_cache(tmp_path, truth, key), key_digest(key), image_rows)
+    in_memory = write_results(tmp_path / "memory", PairResults(per_image, pred, 0.0), ground_truth)
+    streamed = write_results(tmp_path / "streamed", synthetic_batches(per_image, pred, batch=4), ground_truth)
+    for name in ("per_image.csv", "features.npz", "summary.csv"):
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+    pd.testing.assert_frame_equal(in_memory.summary, streamed.summary, check_exact=True)
+    assert not [path.name for path in (tmp_path / "streamed").iterdir() if path.name.startswith(".")]
+
+
+def test_a_piece_that_fails_while_scored_leaves_no_files(tmp_path):
+    per_image, pred, _, _ = synthetic_cell(4, {"efficientnet_lite0": 3})
+
+    def failing():
+        yield from itertools.islice(synthetic_batches(per_image, pred, batch=5), 2)
+        raise RuntimeError("the method failed")
+
+    with pytest.raises(RuntimeError, match="the method failed"):
+        write_pair_files(tmp_path / "piece", failing(), float_format=None)
+    assert list((tmp_path / "piece").iterdir()) == []
 
 
 def test_merged_features_reference_the_cache_and_match_one_piece(tmp_path):
@@ -243,7 +305,7 @@ class RecordedRemote:
         return f"ref{len(self.calls)}:{self.name}"
 
 
-def test_a_sharded_cells_finishing_task_asks_for_memory_and_no_gpu_after_one_ground_truth_task_per_manifest(
+def test_a_sharded_cells_finishing_task_asks_for_memory_and_no_gpu_in_a_fresh_worker_after_the_ground_truth(
         tmp_path, monkeypatch):
     from bench.run import distributed
     from bench.run.cell import CellSpec
@@ -266,6 +328,7 @@ def test_a_sharded_cells_finishing_task_asks_for_memory_and_no_gpu_after_one_gro
     assert len(finishes) == 2
     for _, options, args in finishes:
         assert options["num_gpus"] == 0 and options["num_cpus"] == 4
+        assert options["max_calls"] == 1  # a fresh worker: its request is what it holds, and it gives it back
         assert options["memory"] == finish_task_memory(219_000) > 2**30
         assert args[4] == f"ref{calls.index(truths[0]) + 1}:_ground_truth_task"  # it waits for the cache
     assert calls.index(truths[0]) < calls.index(finishes[0])

@@ -18,7 +18,7 @@ pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("manifest", "evaluation: ground truth", "evaluation: shards", "merge", "summarise",
           "finish: cell.json, tidy", "report")
-ROW = re.compile(r"^(?P<stage>[a-z].*?)\s+(?P<seconds>\d+\.\d\d)\s+(?P<peak>\d+)\s+(?P<max>\d+)\s+(?P<bytes>[\d,]+)\s+"
+ROW = re.compile(r"^(?P<stage>[a-z].*?)\s+(?P<seconds>\d+\.\d\d)\s+(?P<peak>\d+)\s+(?P<private>\d+)\s+(?P<max>\d+)\s+(?P<bytes>[\d,]+)\s+"
                  r"(?P<per_pair>\d+\.\d)\s+(?P<where>.+)$")
 
 
@@ -42,6 +42,7 @@ def test_the_rehearsal_runs_the_pipeline_and_prints_every_stage_with_numbers(tmp
     assert list(rows) == list(STAGES), out
     for stage, row in rows.items():
         assert int(row["peak"]) > 0 and int(row["max"]) > 0, row  # sampled RSS and ru_maxrss differ by a page or so
+        assert 0 < int(row["private"]) <= int(row["peak"]), row  # the anonymous part of the resident memory
     assert float(rows["evaluation: shards"]["seconds"]) > 0 and float(rows["summarise"]["seconds"]) > 0
     written = {stage: int(row["bytes"].replace(",", "")) for stage, row in rows.items()}
     assert all(written[stage] > 0 for stage in STAGES), written  # each stage leaves files

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import pandas as pd
 import torch
@@ -33,8 +33,8 @@ from bench import devices
 from bench.config import BenchmarkConfig, TrainConfig
 from bench.run.data_parallel import SINGLE, Ranks
 from bench.data.datasets import load_image_set
-from bench.run.evaluate import (FEATURES_FORMAT, PairResults, cached_ground_truth_features, evaluate_pairs,
-                            ground_truth_features, write_csv_atomic, write_results)
+from bench.run.evaluate import (FEATURES_FORMAT, ScoredBatch, cached_ground_truth_features, ground_truth_features,
+                                scored_batches, write_csv_atomic, write_results)
 from bench.run.ray_train import RUN_FOLDER, remove_run_folder, run_on_workers
 from bench.run.resources import training_workers, worker_resources
 from bench.data.manifest import PROTOCOL_VERSION, Manifest, load_manifest
@@ -43,7 +43,9 @@ from bench.files import atomic_write_text
 from bench.methods import InpaintingMethod, apply_overrides, create_method, get_factory
 from bench.metrics.scoring import Scorer
 from bench.run.shards import (Shard, automatic_shard_pairs, finished_shard_size, merge_shards, read_shard_done, remove_shards,
-                          shard_layout, shards_seconds, write_shard)
+                          shard_layout, shards_seconds, write_shard_done, write_shard_files)
+
+T = TypeVar("T")
 
 EMBEDDED_SUITES = ("faces", "scenes", "facades")
 DONE_FILE = "cell.json"
@@ -297,18 +299,21 @@ def train_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True
 
 
 def _evaluate_piece(config: BenchmarkConfig, cell: CellSpec, method: InpaintingMethod, manifest: Manifest,
-                    shard: Shard, *, progress: bool, on_pairs: Callable[[int], None] | None
-                    ) -> tuple[PairResults, dict[str, Any]]:
-    """Evaluate the pairs of ``shard``; returns the results and what the cell record needs from this process."""
+                    shard: Shard, write: Callable[[Iterator[ScoredBatch]], T], *, progress: bool,
+                    on_pairs: Callable[[int], None] | None) -> tuple[T, dict[str, Any]]:
+    """Evaluate the pairs of ``shard``, handing the scored batches to ``write`` as they come (so a piece's rows
+    and features are never in memory at once); returns what ``write`` returned and what the cell record needs
+    from this process."""
     device = method.device
     scorer = cell_scorer(config, device)
     whole = shard.pairs == len(manifest.pairs)
     with devices.cuda_tf32(device, devices.tf32_enabled(config.resources.tf32)) as tf32:
-        results = evaluate_pairs(method, manifest, scorer, start=shard.start, stop=shard.stop,
-                                 batch_size=config.eval_batch_size, save_images=config.save_images,
-                                 image_dir=Path(cell.cell_dir) / "images", data_workers=config.resources.data_workers,
-                                 precision=config.resources.precision, on_pairs=on_pairs, progress=progress,
-                                 description=f"eval {cell.key}" if whole else f"eval {cell.key} {shard.name}")
+        written = write(scored_batches(method, manifest, scorer, start=shard.start, stop=shard.stop,
+                                       batch_size=config.eval_batch_size, save_images=config.save_images,
+                                       image_dir=Path(cell.cell_dir) / "images",
+                                       data_workers=config.resources.data_workers,
+                                       precision=config.resources.precision, on_pairs=on_pairs, progress=progress,
+                                       description=f"eval {cell.key}" if whole else f"eval {cell.key} {shard.name}"))
     record = {
         "method": {"paper_name": method.paper_name, "num_parameters": method.num_parameters(),
                    "substitutions": dict(method.substitutions),
@@ -322,7 +327,7 @@ def _evaluate_piece(config: BenchmarkConfig, cell: CellSpec, method: InpaintingM
     }
     if tf32 is not None:  # read back from torch while the methods ran: a CUDA cell's TF32 state
         record["tf32"] = tf32
-    return results, record
+    return written, record
 
 
 def evaluate_shard(config: BenchmarkConfig, cell: CellSpec, shard: Shard, *, progress: bool = True,
@@ -340,8 +345,10 @@ def evaluate_shard(config: BenchmarkConfig, cell: CellSpec, shard: Shard, *, pro
     if method is None:
         method = cell_method(config, cell, cell_device(config), training["trained"])
     manifest = load_manifest(cell.manifest_dir)
-    results, record = _evaluate_piece(config, cell, method, manifest, shard, progress=progress, on_pairs=on_pairs)
-    return write_shard(cell.cell_dir, shard, results, {**record, **(extra or {})})
+    written, record = _evaluate_piece(config, cell, method, manifest, shard,
+                                      lambda batches: write_shard_files(cell.cell_dir, shard, batches),
+                                      progress=progress, on_pairs=on_pairs)
+    return write_shard_done(cell.cell_dir, shard, written.seconds, {**record, **(extra or {})})
 
 
 def cell_record(config: BenchmarkConfig, cell: CellSpec, manifest: Manifest, training: dict[str, Any],
@@ -449,10 +456,11 @@ def run_cell(config: BenchmarkConfig, cell: CellSpec, *, progress: bool = True,
         return finish_cell(config, cell, shards)
 
     started = time.perf_counter()  # one piece: straight into the cell's files
-    results, piece = _evaluate_piece(config, cell, method, manifest, shards[0], progress=progress, on_pairs=on_pairs)
     truth = ground_truth_features(manifest, cell_scorer(config, method.device), config.eval_batch_size,
                                   method.device, config.resources.data_workers)
-    write_results(cell_dir, results, truth)
+    _, piece = _evaluate_piece(config, cell, method, manifest, shards[0],
+                               lambda batches: write_results(cell_dir, batches, truth), progress=progress,
+                               on_pairs=on_pairs)
     record = cell_record(config, cell, manifest, training, [piece], time.perf_counter() - started)
     write_json_atomic(record, cell_dir / DONE_FILE)
     _tidy(cell_dir)

@@ -189,9 +189,12 @@ def _finish_task(config: BenchmarkConfig, cell: CellSpec, shards: list[Shard], f
 
 
 def finish_task_options(resources: ResourceConfig, pairs: int, max_retries: int = MAX_RETRIES) -> dict[str, Any]:
-    """A finishing task's Ray options: the cell's CPUs and the merge's memory, no GPU."""
+    """A finishing task's Ray options: the cell's CPUs and the merge's memory, no GPU, in a fresh worker process
+    (``max_calls=1``). Its memory request is then what the process holds: a reused worker would start from what
+    earlier shards left in it, and keep the merge's freed heap (which CPython and the allocator do not return)
+    for the tasks after it. Starting a worker costs seconds; a cell's merge takes minutes."""
     return {**cell_task_options(dataclasses.replace(resources, gpus_per_cell=0), max_retries),
-            "memory": finish_task_memory(pairs)}
+            "memory": finish_task_memory(pairs), "max_calls": 1}
 
 
 def _step_reporter(board: Any, key: str, total: int) -> Callable[[int, dict[str, float]], None]:

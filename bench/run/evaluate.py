@@ -10,9 +10,12 @@ Everything a report needs is written to one folder per cell:
 Files are written atomically and per_image.csv last-but-one, summary.csv last, so a folder with a
 summary is complete.
 
-The loop itself (:func:`evaluate_pairs`) scores any run of consecutive pairs and returns the rows and
-features instead of writing them, so a cell can be evaluated in one piece or in shards that are merged
-later (:mod:`bench.run.shards`) with the same files. What keeps the network busy:
+The loop itself (:func:`scored_batches`) scores any run of consecutive pairs and hands over each batch's rows
+and features, so a cell can be evaluated in one piece or in shards that are merged later
+(:mod:`bench.run.shards`) with the same files. A piece's files are written as its batches come
+(:func:`write_pair_files`): its memory does not grow with its pairs, only by the per-image scalars a summary
+averages (about 60 bytes a pair). :func:`evaluate_pairs` gathers the batches in memory, for small runs (a
+search's validation, a plan's timing). What keeps the network busy:
   - images and masks are read and decoded in DataLoader worker processes (``data_workers``; 0 = in this
     process), prefetched, pinned on CUDA; a method's host-side preprocessing (EC's and CTSDG's Canny edges)
     runs there too, where the batch is still on the host;
@@ -31,10 +34,11 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -42,13 +46,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bench.metrics.aggregate import GT_ROWS, open_features, save_features, summarize
+from bench.metrics.aggregate import GT_ROWS, StreamedArray, open_features, save_features, summarize
 from bench.errors import UserError
 from bench.files import atomic_path
 from bench.data.images import quantize, read_image, to_tensor, write_png
 from bench.data.manifest import Manifest, Pair
 from bench.methods import AUTOCAST_DTYPES, PRECISIONS, InpaintingMethod, in_memory_format
 from bench.metrics.scoring import Scorer, select
+from bench.metrics.table import PER_IMAGE_METRICS
 
 #: the ground truths' features beside a manifest, one file per key (networks, device type, precision), so a run
 #: with another key never replaces features that a finished cell points to
@@ -73,8 +78,7 @@ PREFETCH_BATCHES = 2  # batches each data worker decodes ahead
 
 @dataclass
 class EvalResult:
-    per_image: pd.DataFrame
-    summary: pd.DataFrame
+    summary: pd.DataFrame  # the rows per pair are in out_dir/per_image.csv
     out_dir: Path
 
 
@@ -255,16 +259,24 @@ def composite_digest(pixels: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:DIGEST_HEX_DIGITS]
 
 
+@dataclass
+class ScoredBatch:
+    """One batch of the loop: its per-image rows and its composites' features (``"pred/<extractor>"`` →
+    float32 ``[batch, D]``, as the networks computed them)."""
+
+    rows: list[dict[str, Any]] | pd.DataFrame
+    features: dict[str, np.ndarray]
+
+
 @torch.no_grad()
-def evaluate_pairs(method: InpaintingMethod, manifest: Manifest, scorer: Scorer, *, start: int = 0,
+def scored_batches(method: InpaintingMethod, manifest: Manifest, scorer: Scorer, *, start: int = 0,
                    stop: int | None = None, batch_size: int = 16, save_images: str | bool = "all",
                    image_dir: str | os.PathLike | None = None, data_workers: int = 0, precision: str = "fp32",
                    on_pairs: Callable[[int], None] | None = None, progress: bool = True,
-                   description: str = "eval") -> PairResults:
-    """Inpaint, composite, quantise and score the pairs ``start:stop`` of ``manifest`` (composites written to
-    ``image_dir`` as ``save_images`` says: :data:`IMAGE_POLICIES`). ``on_pairs`` gets the number of pairs done
-    after each batch."""
-    started = time.perf_counter()
+                   description: str = "eval") -> Iterator[ScoredBatch]:
+    """Inpaint, composite, quantise and score the pairs ``start:stop`` of ``manifest``, batch by batch
+    (composites written to ``image_dir`` as ``save_images`` says: :data:`IMAGE_POLICIES`). ``on_pairs`` gets the
+    number of pairs done after each batch. Every composite is on disk once the iteration ends."""
     method.eval()
     device = method.device
     pairs = list(manifest.pairs[start:stop])
@@ -275,8 +287,7 @@ def evaluate_pairs(method: InpaintingMethod, manifest: Manifest, scorer: Scorer,
     kept = sampled_pairs(manifest) if policy == "sample" else None
     loader = pair_batches(manifest, pairs, batch_size, workers=data_workers, device=device,
                           host_preprocessing=method.host_preprocessing("inpaint"))
-    rows: list[dict] = []
-    features: dict[str, list[np.ndarray]] = {}
+    done = 0
     bar = tqdm(total=len(pairs), desc=description, disable=not progress, leave=False, dynamic_ncols=True)
     with PngWriter(max_pending=PENDING_PNG_BATCHES * batch_size) as writer:
         for batch in batches_of(loader):
@@ -299,9 +310,9 @@ def evaluate_pairs(method: InpaintingMethod, manifest: Manifest, scorer: Scorer,
             reference = {name: select(embedding, index) for name, embedding in scorer.reference(truth[firsts]).items()}
             scores = scorer.per_image(composite, truth, reference)
             score_table = torch.stack([values.double() for values in scores.values()], dim=1).cpu().numpy()
-            for name, values in scorer.features(composite).items():
-                features.setdefault(f"pred/{name}", []).append(values.float().cpu().numpy())
+            features = {f"pred/{name}": values.float().cpu().numpy() for name, values in scorer.features(composite).items()}
             pixels = composite.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # every digest needs the pixels
+            rows = []
             for pair, image, values in zip(batch_pairs, pixels, score_table.tolist()):
                 saved = policy == "all" or (policy == "sample" and pair.pair_id in kept)
                 if saved:
@@ -311,12 +322,115 @@ def evaluate_pairs(method: InpaintingMethod, manifest: Manifest, scorer: Scorer,
                              "output": str(image_dir / f"{pair.pair_id}.png") if saved else "",
                              "ratio": pair.ratio, "bin": pair.bin, "digest": composite_digest(image),
                              **dict(zip(scores, values))})
+            done += len(rows)
+            yield ScoredBatch(rows, features)
             bar.update(len(batch_pairs))
             if on_pairs is not None:
-                on_pairs(len(rows))
+                on_pairs(done)
     bar.close()
+
+
+def evaluate_pairs(method: InpaintingMethod, manifest: Manifest, scorer: Scorer, **loop: Any) -> PairResults:
+    """:func:`scored_batches` (same arguments), gathered in memory: for runs of pairs small enough to hold (a
+    search's validation, a plan's timing). A cell's files are written batch by batch instead
+    (:func:`write_pair_files`)."""
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    features: dict[str, list[np.ndarray]] = {}
+    for batch in scored_batches(method, manifest, scorer, **loop):
+        rows += batch.rows
+        for name, values in batch.features.items():
+            features.setdefault(name, []).append(values)
     stacked = {name: np.concatenate(parts) for name, parts in features.items()}
     return PairResults(pd.DataFrame(rows), stacked, time.perf_counter() - started)
+
+
+def as_batches(results: PairResults) -> list[ScoredBatch]:
+    """Results gathered in memory as the one batch :func:`write_pair_files` takes."""
+    return [ScoredBatch(results.per_image, results.features)]
+
+
+# ------------------------------------------------------------------------------------ streamed files
+#: rows of a spilled feature array copied into features.npz at a time
+SPILL_CHUNK_ROWS = 4096
+
+
+@dataclass
+class WrittenPairs:
+    """What :func:`write_pair_files` keeps of the pairs it wrote: what a summary averages, not the features."""
+
+    scalars: pd.DataFrame  # ratio and every per-image metric, one row per pair, exact
+    seconds: float  # wall time from the first batch asked for to the files written
+
+
+class _FeatureSpill:
+    """Feature batches appended to unnamed temporary files in the destination's folder (gone with the process,
+    whatever happens), then copied into the ``.npz`` a chunk at a time: the features of a cell are never in
+    memory at once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}  # dtype, row shape, rows
+
+    def append(self, features: dict[str, np.ndarray]) -> None:
+        if self.files and set(features) != set(self.files):
+            raise RuntimeError(f"a batch has features {sorted(features)}, earlier ones {sorted(self.files)}")
+        for name, values in features.items():
+            values = np.ascontiguousarray(values)
+            if name not in self.files:
+                self.files[name] = tempfile.TemporaryFile(dir=self.folder, prefix=".features-spill-")
+                self.shapes[name] = (values.dtype, values.shape[1:], 0)
+            dtype, row_shape, rows = self.shapes[name]
+            if values.dtype != dtype or values.shape[1:] != row_shape:
+                raise RuntimeError(f"{name}: a batch of {values.dtype}{list(values.shape[1:])} after "
+                                   f"{dtype}{list(row_shape)}")
+            self.files[name].write(values.tobytes())
+            self.shapes[name] = (dtype, row_shape, rows + len(values))
+
+    def streamed(self) -> dict[str, StreamedArray]:
+        return {name: StreamedArray(dtype, (rows, *row_shape), self._chunks(name))
+                for name, (dtype, row_shape, rows) in self.shapes.items()}
+
+    def _chunks(self, name: str) -> Iterator[np.ndarray]:
+        dtype, row_shape, rows = self.shapes[name]
+        stream = self.files[name]
+        stream.flush()
+        stream.seek(0)
+        width = int(np.prod(row_shape, dtype=np.int64))
+        for first in range(0, rows, SPILL_CHUNK_ROWS):
+            count = min(SPILL_CHUNK_ROWS, rows - first)
+            yield np.fromfile(stream, dtype=dtype, count=count * width).reshape(count, *row_shape)
+
+    def close(self) -> None:
+        for stream in self.files.values():
+            stream.close()
+
+
+def write_pair_files(folder: str | os.PathLike, batches: Iterable[ScoredBatch], *, float_format: str | None,
+                     entries: dict[str, np.ndarray] | None = None) -> WrittenPairs:
+    """``per_image.csv`` and ``features.npz`` (the composites' features, then ``entries``) of ``batches`` in
+    ``folder``, written as the batches come: memory holds one batch and the per-image scalars (about 60 bytes
+    a pair), never a run's rows or features. The two files appear at the end, features.npz first; on an error
+    neither is touched. ``float_format=None`` writes every float exactly (files read back)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    scalars: list[pd.DataFrame] = []
+    spill = _FeatureSpill(folder)
+    try:
+        with atomic_path(folder / "per_image.csv") as temporary, open(temporary, "w", newline="") as stream:
+            for batch in batches:
+                frame = pd.DataFrame(batch.rows)
+                frame.to_csv(stream, index=False, header=not scalars, float_format=float_format)
+                scalars.append(frame[[name for name in ("ratio", *PER_IMAGE_METRICS) if name in frame.columns]])
+                spill.append(batch.features)
+            stream.flush()
+            save_features(folder / "features.npz", {**spill.streamed(), **(entries or {})})
+    finally:
+        spill.close()
+    return WrittenPairs(pd.concat(scalars, ignore_index=True) if scalars else pd.DataFrame(columns=["ratio"]),
+                        time.perf_counter() - started)
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -432,14 +546,19 @@ def cell_feature_entries(ground_truth: GroundTruth, cell_dir: str | os.PathLike)
     return {"format": np.array(FEATURES_FORMAT), **ground_truth.reference(cell_dir)}
 
 
-def write_results(out_dir: str | os.PathLike, results: PairResults, ground_truth: GroundTruth) -> EvalResult:
-    """features.npz, per_image.csv, then summary.csv (the last file: a folder with a summary is complete)."""
+def write_results(out_dir: str | os.PathLike, results: PairResults | Iterable[ScoredBatch],
+                  ground_truth: GroundTruth) -> EvalResult:
+    """features.npz, per_image.csv, then summary.csv (the last file: a folder with a summary is complete), from
+    results in memory or batches as the loop scores them (streamed: :func:`write_pair_files`)."""
     out_dir = Path(out_dir)
-    save_features(out_dir / "features.npz", {**results.features, **cell_feature_entries(ground_truth, out_dir)})
-    write_csv_atomic(results.per_image, out_dir / "per_image.csv")
-    summary = summarize(results.per_image, {**results.features, **ground_truth.arrays()})
+    batches = as_batches(results) if isinstance(results, PairResults) else results
+    written = write_pair_files(out_dir, batches, float_format="%.10g",
+                               entries=cell_feature_entries(ground_truth, out_dir))
+    composites = {name: values for name, values in open_features(out_dir / "features.npz").items()
+                  if name.startswith("pred/")}
+    summary = summarize(written.scalars, {**composites, **ground_truth.arrays()})
     write_csv_atomic(summary, out_dir / "summary.csv")
-    return EvalResult(results.per_image, summary, out_dir)
+    return EvalResult(summary, out_dir)
 
 
 def evaluate(method: InpaintingMethod, manifest: Manifest, out_dir: str | os.PathLike, scorer: Scorer, *,
@@ -447,8 +566,8 @@ def evaluate(method: InpaintingMethod, manifest: Manifest, out_dir: str | os.Pat
              data_workers: int = 0, precision: str = "fp32") -> EvalResult:
     """Every pair of ``manifest`` in one piece, written to ``out_dir``."""
     out_dir = Path(out_dir)
-    results = evaluate_pairs(method, manifest, scorer, batch_size=batch_size, save_images=save_images,
+    truth = ground_truth_features(manifest, scorer, batch_size, method.device, data_workers)
+    batches = scored_batches(method, manifest, scorer, batch_size=batch_size, save_images=save_images,
                              image_dir=out_dir / "images", data_workers=data_workers, precision=precision,
                              progress=progress, description=description)
-    truth = ground_truth_features(manifest, scorer, batch_size, method.device, data_workers)
-    return write_results(out_dir, results, truth)
+    return write_results(out_dir, batches, truth)

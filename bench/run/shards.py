@@ -14,7 +14,8 @@ Composites go straight to ``<cell>/images/``. Folders are named by their range, 
 (another ``--eval-shard-pairs``, a bigger cluster) ignores the old shards instead of mixing them in; the merge
 removes the shard folders once the cell's own files are written.
 
-Memory. The merge streams: shard by shard, ``per_image.csv`` in chunks of rows and each feature array in chunks
+Memory. A shard's files are written as its batches are scored (:func:`bench.run.evaluate.write_pair_files`),
+so an evaluation task holds one batch, not its shard. The merge streams: shard by shard, ``per_image.csv`` in chunks of rows and each feature array in chunks
 read from the shard's mapped file, so its memory does not grow with the cell's pairs except for the per-image
 scalars a summary averages (ratio and metrics: 8 bytes each per pair, about 50 bytes a pair in all). The summary
 then reads features bin by bin (:func:`bench.metrics.aggregate.summarize`).
@@ -27,7 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,8 @@ import pandas as pd
 from bench.metrics.aggregate import StreamedArray, open_features, save_features, summarize
 from bench.files import atomic_path, atomic_write_text
 from bench.errors import UserError
-from bench.run.evaluate import (FEATURES_FORMAT, GroundTruth, PairResults, cell_feature_entries, write_csv_atomic)
+from bench.run.evaluate import (FEATURES_FORMAT, GroundTruth, PairResults, ScoredBatch, WrittenPairs, as_batches,
+                                cell_feature_entries, write_csv_atomic, write_pair_files)
 from bench.metrics.table import PER_IMAGE_METRICS
 
 SHARDS_FOLDER = "shards"
@@ -110,17 +112,23 @@ def read_shard_done(cell_dir: str | os.PathLike, shard: Shard) -> dict[str, Any]
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def write_shard(cell_dir: str | os.PathLike, shard: Shard, results: PairResults, record: dict[str, Any]) -> dict:
-    """The shard's rows and features, then ``shard.json`` (its record, with the range and timing) last."""
-    folder = shard.folder(cell_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    if len(results.per_image) != shard.pairs:
-        raise RuntimeError(f"shard {shard.name}: {len(results.per_image)} rows for {shard.pairs} pairs")
-    write_csv_atomic(results.per_image, folder / "per_image.csv", float_format=None)  # exact: the merge reads it
-    save_features(folder / "features.npz", results.features)
-    done = {**record, "start": shard.start, "stop": shard.stop, "seconds": round(results.seconds, 3),
+def write_shard_files(cell_dir: str | os.PathLike, shard: Shard,
+                      results: PairResults | Iterable[ScoredBatch]) -> WrittenPairs:
+    """The shard's per_image.csv (floats exact: the merge reads them back) and features.npz, from results in
+    memory or from batches written as the loop scores them. The shard is finished once
+    :func:`write_shard_done` has written its record."""
+    batches = as_batches(results) if isinstance(results, PairResults) else results
+    written = write_pair_files(shard.folder(cell_dir), batches, float_format=None)
+    if len(written.scalars) != shard.pairs:
+        raise RuntimeError(f"shard {shard.name}: {len(written.scalars)} rows for {shard.pairs} pairs")
+    return written
+
+
+def write_shard_done(cell_dir: str | os.PathLike, shard: Shard, seconds: float, record: dict[str, Any]) -> dict:
+    """``shard.json``, the shard's last file: its record, range and evaluation seconds."""
+    done = {**record, "start": shard.start, "stop": shard.stop, "seconds": round(seconds, 3),
             "features_format": FEATURES_FORMAT}
-    atomic_write_text(folder / SHARD_DONE, json.dumps(done, indent=2, sort_keys=True, default=str))
+    atomic_write_text(shard.folder(cell_dir) / SHARD_DONE, json.dumps(done, indent=2, sort_keys=True, default=str))
     return done
 
 

@@ -25,8 +25,10 @@ PSNR, SSIM and MAE are the real ones. Ray workers are separate processes: the st
 by Ray's ``worker_process_setup_hook`` (:func:`install_stand_ins`), which also wraps the stages to measure them;
 nothing in ``bench/`` knows about the rehearsal.
 
-Per stage it prints wall time, peak RSS of the process that ran it (sampled every 20 ms; the process's
-lifetime maximum beside it: Ray reuses workers) and the bytes the stage wrote, per pair. Bytes are the files
+Per stage it prints wall time, the peak RSS of the process that ran it and the peak of its private part
+(anonymous pages: what the process holds, without the mapped feature files that the kernel can drop), both
+sampled every 20 ms, the process's lifetime maximum RSS beside them (Ray reuses workers for shards; the
+finishing task has a fresh one), and the bytes the stage wrote, per pair. Bytes are the files
 each stage leaves: the shards' folders (removed by the merge, so counted when each shard ends), the kept
 composites (``save_images: sample``, the paper preset's), the cell's merged files, the summary, the report.
 ``--budget-minutes`` stops the run (cancelling Ray's tasks) when it would take longer, printing what finished.
@@ -130,10 +132,18 @@ def stand_in_scorer(compile_pixel_metrics: bool):
 
 
 # ------------------------------------------------------------------------------------ measuring a stage
-def rss_bytes() -> int:
-    import psutil
+def memory_bytes() -> tuple[int, int]:
+    """This process's resident memory and its private part: the anonymous pages (heap, arrays), what the process
+    really holds. The rest of RSS is mapped files (the features read by the merge and summary, the libraries),
+    page cache the kernel drops under pressure. From /proc on Linux; elsewhere RSS minus its shared pages."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["RssAnon"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import psutil
 
-    return psutil.Process().memory_info().rss
+        info = psutil.Process().memory_info()
+        return info.rss, info.rss - getattr(info, "shared", 0)
 
 
 def max_rss_bytes() -> int:
@@ -141,38 +151,39 @@ def max_rss_bytes() -> int:
 
 
 class Sampler:
-    """This process's RSS every :data:`SAMPLE_SECONDS` while a stage runs: ru_maxrss alone is the lifetime peak
-    of a process, and Ray runs several stages in one worker."""
+    """This process's memory (:func:`memory_bytes`) every :data:`SAMPLE_SECONDS` while a stage runs: ru_maxrss
+    alone is the lifetime peak of a process, and Ray runs several stages in one worker."""
 
     def __init__(self):
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.time(), rss_bytes()))
+            self.samples.append((time.time(), *memory_bytes()))
             self._stop.wait(SAMPLE_SECONDS)
 
     def __enter__(self) -> "Sampler":
-        self.samples.append((time.time(), rss_bytes()))
+        self.samples.append((time.time(), *memory_bytes()))
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append((time.time(), rss_bytes()))
+        self.samples.append((time.time(), *memory_bytes()))
 
     def mark(self) -> float:
         """A sample now (a stage boundary inside the sampled span: a short stage then has one of its own)."""
         now = time.time()
-        self.samples.append((now, rss_bytes()))
+        self.samples.append((now, *memory_bytes()))
         return now
 
-    def peak(self, start: float = -math.inf, stop: float = math.inf) -> int:
-        inside = [rss for t, rss in self.samples if start <= t <= stop]
-        return max(inside) if inside else 0
+    def peak(self, start: float = -math.inf, stop: float = math.inf) -> tuple[int, int]:
+        """The largest resident and private memory sampled between ``start`` and ``stop``."""
+        inside = [(rss, private) for t, rss, private in self.samples if start <= t <= stop]
+        return (max(rss for rss, _ in inside), max(private for _, private in inside)) if inside else (0, 0)
 
 
 def tree_bytes(paths: Iterable[Path], skip_suffix: str | None = None) -> int:
@@ -188,9 +199,9 @@ def tree_bytes(paths: Iterable[Path], skip_suffix: str | None = None) -> int:
     return total
 
 
-def stage_record(stage: str, started: float, ended: float, peak: int, written: int, **extra: Any) -> dict:
-    return {"stage": stage, "start": started, "end": ended, "seconds": ended - started, "peak_rss": peak,
-            "max_rss": max_rss_bytes(), "bytes": written, "pid": os.getpid(), **extra}
+def stage_record(stage: str, started: float, ended: float, peak: tuple[int, int], written: int, **extra: Any) -> dict:
+    return {"stage": stage, "start": started, "end": ended, "seconds": ended - started, "peak_rss": peak[0],
+            "peak_private": peak[1], "max_rss": max_rss_bytes(), "bytes": written, "pid": os.getpid(), **extra}
 
 
 def append_record(record: dict) -> None:
@@ -358,17 +369,18 @@ def combine(stage: str, records: list[dict], pairs: int, extra_bytes: int = 0) -
     where = f"{len(records)} Ray tasks" if len(records) > 1 else ("driver" if records[0]["pid"] == os.getpid()
                                                                   else "Ray task")
     return {"stage": stage, "seconds": seconds, "peak_rss": max(r["peak_rss"] for r in records),
-            "max_rss": max(r["max_rss"] for r in records), "bytes": written, "per_pair": written / pairs,
+            "peak_private": max(r["peak_private"] for r in records), "max_rss": max(r["max_rss"] for r in records), "bytes": written, "per_pair": written / pairs,
             "where": where}
 
 
 def render(rows: list[dict]) -> str:
-    header = f"{'stage':<28} {'wall s':>8} {'peak RSS MiB':>13} {'proc max MiB':>13} {'bytes written':>15} " \
-             f"{'B/pair':>9}  process"
+    header = f"{'stage':<28} {'wall s':>8} {'peak RSS MiB':>13} {'private MiB':>12} {'proc max MiB':>13} " \
+             f"{'bytes written':>15} {'B/pair':>9}  process"
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(f"{row['stage']:<28} {row['seconds']:>8.2f} {row['peak_rss'] / 2**20:>13.0f} "
-                     f"{row['max_rss'] / 2**20:>13.0f} {row['bytes']:>15,d} {row['per_pair']:>9.1f}  {row['where']}")
+                     f"{row['peak_private'] / 2**20:>12.0f} {row['max_rss'] / 2**20:>13.0f} {row['bytes']:>15,d} "
+                     f"{row['per_pair']:>9.1f}  {row['where']}")
     return "\n".join(lines)
 
 
