@@ -328,7 +328,8 @@ def test_a_sharded_cells_finishing_task_asks_for_memory_and_no_gpu_in_a_fresh_wo
     assert len(finishes) == 2
     for _, options, args in finishes:
         assert options["num_gpus"] == 0 and options["num_cpus"] == 4
-        assert options["max_calls"] == 1  # a fresh worker: its request is what it holds, and it gives it back
+        # a fresh worker (a runtime environment of its own, ended after the task): its request is what it holds
+        assert options["max_calls"] == 1 and options["runtime_env"] == {"env_vars": {distributed.FINISH_WORKER_ENV: "1"}}
         assert options["memory"] == finish_task_memory(219_000) > 2**30
         assert args[4] == f"ref{calls.index(truths[0]) + 1}:_ground_truth_task"  # it waits for the cache
     assert calls.index(truths[0]) < calls.index(finishes[0])

@@ -5,6 +5,7 @@ cores); the stand-ins it installs in the workers must be what scored the cell (t
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -54,6 +55,11 @@ def test_the_rehearsal_runs_the_pipeline_and_prints_every_stage_with_numbers(tmp
     assert rows["manifest"]["where"] == rows["report"]["where"] == "driver"
     assert rows["evaluation: shards"]["where"] == "2 Ray tasks"
     assert rows["merge"]["where"] == rows["summarise"]["where"] == rows["finish: cell.json, tidy"]["where"] == "Ray task"
+    # the finishing task has a worker process of its own: none of the evaluation's workers is reused for it
+    records = [json.loads(line) for line in (tmp_path / "work" / "stages.jsonl").read_text().splitlines()]
+    evaluating = {r["pid"] for r in records if r["stage"] in ("evaluation", "ground truth")}
+    finishing = {r["pid"] for r in records if r["stage"] in ("merge", "summarise", "finish")}
+    assert len(finishing) == 1 and not finishing & evaluating, records
     assert "kept on disk" in out and "STAND-INS" in out
     # the stand-ins scored the cell in the workers, and the report says what they are
     report = (tmp_path / "work" / "results" / "report.md").read_text()

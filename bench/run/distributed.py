@@ -47,6 +47,8 @@ from bench.run.resources import (alive_nodes, cell_threads, check_feasible, clus
 from bench.run.shards import Shard, read_shard_done
 from bench.run.step_board import StepBoard
 
+#: set in finishing tasks' workers only: their own runtime environment, so Ray starts a fresh worker for each
+FINISH_WORKER_ENV = "SAHN_BENCH_FINISHING_TASK"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20  # cells exchange only small records: keep shared memory small
 MAX_RETRIES = 3  # re-runs of a cell whose worker or node died
 POLL_SECONDS = 0.5  # how often the driver refreshes the training bars
@@ -190,11 +192,14 @@ def _finish_task(config: BenchmarkConfig, cell: CellSpec, shards: list[Shard], f
 
 def finish_task_options(resources: ResourceConfig, pairs: int, max_retries: int = MAX_RETRIES) -> dict[str, Any]:
     """A finishing task's Ray options: the cell's CPUs and the merge's memory, no GPU, in a fresh worker process
-    (``max_calls=1``). Its memory request is then what the process holds: a reused worker would start from what
-    earlier shards left in it, and keep the merge's freed heap (which CPython and the allocator do not return)
-    for the tasks after it. Starting a worker costs seconds; a cell's merge takes minutes."""
+    that exits after it. Its memory request is then what the process holds: a reused worker would start from
+    what earlier shards left in it, and keep the merge's freed heap (which CPython and the allocator do not
+    return) for the tasks after it. Ray hands a task any idle worker of its runtime environment, so finishing
+    tasks get one of their own (an environment variable, merged into the job's environment) and ``max_calls=1``
+    ends each worker after its task. Starting a worker costs seconds; a cell's merge takes minutes."""
     return {**cell_task_options(dataclasses.replace(resources, gpus_per_cell=0), max_retries),
-            "memory": finish_task_memory(pairs), "max_calls": 1}
+            "memory": finish_task_memory(pairs), "max_calls": 1,
+            "runtime_env": {"env_vars": {FINISH_WORKER_ENV: "1"}}}
 
 
 def _step_reporter(board: Any, key: str, total: int) -> Callable[[int, dict[str, float]], None]:

@@ -510,14 +510,17 @@ def ground_truth_features(manifest: Manifest, scorer: Scorer, batch_size: int, d
     if found is not None:
         return found
     firsts, index = distinct_images(manifest)
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in batches_of(pair_batches(manifest, firsts, batch_size, workers=data_workers, device=device,
-                                         with_masks=False)):
-        for name, values in scorer.features(batch["image"].to(device)).items():
-            parts.setdefault(f"gt/{name}", []).append(values.float().cpu().numpy())
-    per_image = {name: np.concatenate(values) for name, values in parts.items()}
     path = ground_truth_cache_path(manifest, key)
-    save_features(path, {**per_image, "images_digest": np.array(images_digest(firsts)), "provenance": np.array(key)})
+    spill = _FeatureSpill(path.parent)  # one batch in memory, not every test image's features
+    try:
+        for batch in batches_of(pair_batches(manifest, firsts, batch_size, workers=data_workers, device=device,
+                                             with_masks=False)):
+            spill.append({f"gt/{name}": values.float().cpu().numpy()
+                          for name, values in scorer.features(batch["image"].to(device)).items()})
+        save_features(path, {**spill.streamed(), "images_digest": np.array(images_digest(firsts)),
+                             "provenance": np.array(key)})
+    finally:
+        spill.close()
     return GroundTruth(path, key_digest(key), index.astype(np.int32))
 
 
