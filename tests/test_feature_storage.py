@@ -4,7 +4,6 @@ as before from those files, bytes per pair within budget, and pieces written as 
 neither of whose memory grows with the pairs."""
 import functools
 import itertools
-import itertools
 import tracemalloc
 from pathlib import Path
 

@@ -14,7 +14,7 @@ The loop itself (:func:`scored_batches`) scores any run of consecutive pairs and
 and features, so a cell can be evaluated in one piece or in shards that are merged later
 (:mod:`bench.run.shards`) with the same files. A piece's files are written as its batches come
 (:func:`write_pair_files`): its memory does not grow with its pairs, only by the per-image scalars a summary
-averages (about 60 bytes a pair). :func:`evaluate_pairs` gathers the batches in memory, for small runs (a
+averages (a few hundred bytes a pair at most). :func:`evaluate_pairs` gathers the batches in memory, for small runs (a
 search's validation, a plan's timing). What keeps the network busy:
   - images and masks are read and decoded in DataLoader worker processes (``data_workers``; 0 = in this
     process), prefetched, pinned on CUDA; a method's host-side preprocessing (EC's and CTSDG's Canny edges)
@@ -410,9 +410,9 @@ class _FeatureSpill:
 def write_pair_files(folder: str | os.PathLike, batches: Iterable[ScoredBatch], *, float_format: str | None,
                      entries: dict[str, np.ndarray] | None = None) -> WrittenPairs:
     """``per_image.csv`` and ``features.npz`` (the composites' features, then ``entries``) of ``batches`` in
-    ``folder``, written as the batches come: memory holds one batch and the per-image scalars (about 60 bytes
-    a pair), never a run's rows or features. The two files appear at the end, features.npz first; on an error
-    neither is touched. ``float_format=None`` writes every float exactly (files read back)."""
+    ``folder``, written as the batches come: memory holds one batch and the per-image scalars (a few
+    hundred bytes a pair at most), never a run's rows or features. The two files appear at the end, features.npz
+    first; on an error neither is touched. ``float_format=None`` writes every float exactly (files read back)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -139,10 +139,13 @@ def _count(value: float) -> str:
 # ----------------------------------------------------------------------------------- finishing task
 #: memory a finishing task asks Ray for: the merge's fixed part (a few D×D float64 matrices per extractor, one
 #: bin of at most bench.metrics.aggregate.SET_METRIC_ROWS_IN_MEMORY rows per set and KID's kernels, the interpreter with
-#: torch and pandas) plus the per-pair scalars it averages (see bench.run.shards); measured in
-#: tests/test_sharding.py and pipelines/benchmarks
+#: torch and pandas) plus the per-pair scalars it averages (see bench.run.shards). Its growth per pair is tested in
+#: tests/test_feature_storage.py; pipelines/benchmarks/paper_scale_rehearsal.py measures the whole task (its
+#: figures are in docs/measurements.md). Mapped feature files count in RSS but not here: they are page cache.
 FINISH_TASK_BASE_BYTES = 2 * 2**30
 FINISH_TASK_BYTES_PER_PAIR = 256
+
+
 def finish_task_memory(pairs: int) -> int:
     """Bytes of Ray's ``memory`` resource a finishing task of a ``pairs``-pair cell asks for, so a node starts no
     more merges than its memory holds."""
