@@ -163,6 +163,20 @@ def test_two_shards_in_process_give_the_files_of_one_piece_and_resume_shard_by_s
     assert not (cell_folder(cell) / SHARDS_FOLDER).exists() and not (cell_folder(cell) / TRAINED_FILE).exists()
 
 
+def test_a_one_piece_cell_run_again_after_a_kill_tidies_the_partial_file_the_kill_left(tmp_path, dataset, one_piece):
+    """A one-piece cell writes per_image.csv to a temporary file for as long as it evaluates; a killed process
+    (no exception handler runs) leaves it. The run that finishes the cell removes it."""
+    config = tiny_config(tmp_path / "out", dataset)
+    cell = only_cell(config)
+    with distributed.cell_settings(config.resources):
+        train_cell(config, cell, progress=False)
+    left = cell_folder(cell) / ".per_image.csv.k1ll3d.tmp"
+    left.write_text("pair_id,image\n000000_r0.1-0.2_0,")  # what a kill mid-evaluation leaves
+    run_in_process(config, cell)
+    assert not list(cell_folder(cell).glob(".*.tmp"))
+    assert_same_results(cell, one_piece)
+
+
 def test_automatic_sharding_keeps_the_layout_of_shards_an_earlier_run_finished(tmp_path, dataset):
     import dataclasses
 

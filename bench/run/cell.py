@@ -426,7 +426,11 @@ def finish_cell(config: BenchmarkConfig, cell: CellSpec, shards: list[Shard], *,
 
 
 def _tidy(cell_dir: Path) -> None:
-    """After cell.json: the final weights are in model.pt, the results in the cell's own files."""
+    """After cell.json: the final weights are in model.pt, the results in the cell's own files. Temporary files
+    that a killed attempt left (a partial per_image.csv is written for as long as the evaluation runs) go too:
+    once cell.json exists nothing writes to the cell any more."""
+    for stale in cell_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     (cell_dir / "train_state.pt").unlink(missing_ok=True)
     (cell_dir / TRAINED_FILE).unlink(missing_ok=True)
     (cell_dir / STARTED_FILE).unlink(missing_ok=True)
