@@ -13,7 +13,8 @@ import bench.run.resources
 import bench.run.plan
 import pipelines.full_benchmark as full_benchmark
 from bench.errors import UserError
-from bench.run.plan import CellCost, TrainTiming, run_wall_seconds, wall_seconds
+from bench.run.plan import (CellCost, SummaryTiming, TrainTiming, run_wall_seconds, summary_seconds, time_summary,
+                            wall_seconds)
 from tiny_methods import config_from_dict, tiny_config_dict, write_folder_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -176,3 +177,51 @@ def test_wall_time_runs_each_cells_shards_after_its_training():
     # 2 training workers hold both slots: nothing runs beside the training; then 4 s on one slot, 3 + 3 s on the other
     assert run_wall_seconds([cost(10, [3, 3]), cost(0, [4])], slots=2, workers=2) == 16
     assert run_wall_seconds([cost(10, [3, 3]), cost(0, [4])], slots=1) == 20
+
+
+def test_wall_time_runs_each_cells_summary_after_its_last_shard():
+    sharded = CellCost(cell=None, pairs=6, shards=[3, 3], train_steps=0, inpaint_seconds=1.0, harness_seconds=0.0,
+                       summary_seconds=5.0)
+    # 2 slots: both shards at once (3 s), then the summary (5 s), not beside them
+    assert run_wall_seconds([sharded], slots=2) == 8
+    assert sharded.eval_seconds == 6 + 5
+
+
+def test_summary_seconds_follow_the_bins_and_kids_two_regimes():
+    timing = SummaryTiming(kid_subset_seconds=0.3, kid_index_seconds=0.01, frechet_seconds=6.0, row_seconds=1e-4)
+    # a bin too small for a covariance costs nothing; a bin of 1,000 pairs gets full kernels (one subset's cost)
+    # read 100 times; a bin of 36,500 pairs gets 100 subsets of 1,000 and streamed covariances of both sets
+    assert summary_seconds([1], [timing]) == 0
+    small = 2 * 1000 * 1e-4 + 6.0 + 0.3 + 100 * 0.01
+    large = 2 * 36_500 * 1e-4 + 6.0 + 100 * 0.3
+    assert summary_seconds([1000], [timing]) == pytest.approx(small)
+    assert summary_seconds([1000, 36_500], [timing, timing]) == pytest.approx(2 * (small + large))
+    # 500 pairs: kernels a quarter of a 1,000-row subset's, and each read a quarter as long
+    assert summary_seconds([500], [timing]) == pytest.approx(2 * 500 * 1e-4 + 6.0 + 0.3 / 4 + 100 * 0.01 / 4)
+
+
+def test_the_summary_is_timed_with_the_cells_threads_and_counted_in_every_cells_evaluation(
+        tmp_path, dataset, monkeypatch, capsys):
+    calls = []
+
+    def timed(width, threads, rows=bench.run.plan.SUMMARY_TIMED_ROWS):
+        calls.append((width, threads))
+        return SummaryTiming(kid_subset_seconds=1.0, kid_index_seconds=0.5, frechet_seconds=100.0, row_seconds=0.0)
+
+    monkeypatch.setattr(bench.run.plan, "time_summary", timed)
+    values = plan_values(tmp_path, dataset)
+    values["resources"].update(cpus_per_cell=2.0)
+    out, text = planned(tmp_path, dataset, monkeypatch, capsys, values=values)
+    assert calls and all(threads == 2 for _, threads in calls)
+    assert len(calls) == len({width for width, _ in calls})  # each width timed once for the whole plan
+    figures = json.loads((out / "plan.json").read_text())
+    for cell in figures["cells"]:  # 6 pairs, one per NVIDIA bin: "All" and two paper bins have 2 or more
+        assert cell["summary_seconds"] >= 100.0 * len(calls)
+        assert cell["eval_seconds"] >= cell["summary_seconds"]
+    assert "of which the summaries" in text
+
+
+def test_the_summary_timing_is_of_real_metric_calls():
+    timing = time_summary(64, threads=1, rows=1100)
+    assert timing.kid_subset_seconds > 0 and timing.kid_index_seconds > 0
+    assert timing.frechet_seconds > 0 and timing.row_seconds > 0

@@ -61,6 +61,7 @@ def test_the_rehearsal_runs_the_pipeline_and_prints_every_stage_with_numbers(tmp
     finishing = {r["pid"] for r in records if r["stage"] in ("merge", "summarise", "finish")}
     assert len(finishing) == 1 and not finishing & evaluating, records
     assert "kept on disk" in out and "STAND-INS" in out
+    assert re.search(r"--plan's estimate of this summary: [0-9.]+ s, measured [0-9.]+ s \(predicted / actual [0-9.]+\)", out)
     # the stand-ins scored the cell in the workers, and the report says what they are
     report = (tmp_path / "work" / "results" / "report.md").read_text()
     assert "STAND-IN (not a metric)" in report and "STAND-IN stub of lpips" in report

@@ -17,7 +17,9 @@ For every cell: its pairs, its evaluation shards (the layout the run would use o
               throughput if measured, else latency ÷ batch size, other image sizes scaled by the pixel count; or
               timed here on a few real pairs at the run's precision) plus the harness's own cost per pair (decode,
               composite, quantise, every metric and its networks, PNG), timed with a method returning its input;
-              each timed after a warm-up call, the faster of two calls (a slower one met other work);
+              each timed after a warm-up call, the faster of two calls (a slower one met other work); plus the
+              summary: FID and KID of every bin (:func:`summary_seconds`, from one KID subset, one Fréchet
+              distance and the covariances timed here at each feature width with the cell's CPU threads);
   disk        what the cell leaves, from the storage format: float32 composite features × the metric networks'
               dimensions per pair (+ a 4-byte ground-truth row index) in features.npz; the manifest's ground-truth
               cache once per test image and feature key (charged to the manifest's first cell); composites per
@@ -31,7 +33,7 @@ For every cell: its pairs, its evaluation shards (the layout the run would use o
   memory      the finishing task's Ray ``memory`` request of a sharded cell
               (:func:`bench.run.resources.finish_task_memory`; cells in one piece have no finishing task).
 Then the totals and the wall time on the cluster: every cell's training on the slots (one per worker), then its
-shards once its training ended, longest first. Latencies measured here are this machine's: on a GPU cluster, run
+shards once its training ended, longest first, then its summary. Latencies measured here are this machine's: on a GPU cluster, run
 the plan on one of its nodes, or pass the files measured there. ``plan.json`` beside ``plan.txt`` holds the
 figures (pipelines/benchmarks/plan_accuracy.py compares them with a real run).
 """
@@ -59,13 +61,15 @@ from bench.config import BenchmarkConfig
 from bench.data.datasets import load_image_set
 from bench.run.resources import finish_task_memory
 from bench.errors import UserError
-from bench.metrics.aggregate import GT_ROWS
+from bench.metrics.aggregate import DEFAULT_BINS, GT_ROWS, SET_METRIC_ROWS_IN_MEMORY, STREAM_CHUNK_ROWS, bin_members
+from bench.metrics.functional import (FULL_KERNEL_MAX_ENTRIES, frechet_distance, kid_draws, kid_of_subsets,
+                                      streamed_gaussian_statistics, unbiased_mmd2)
 from bench.run.evaluate import (GT_FEATURES_FILE, distinct_images, evaluate_pairs, image_policy, inference_autocast, pair_batches,
                             sampled_pairs, unit_float)
 from bench.data.images import encode_png
 from bench.data.manifest import load_manifest
 from bench.methods import InpaintingMethod
-from bench.run.resources import training_workers, worker_resources
+from bench.run.resources import cell_threads, training_workers, worker_resources
 from bench.run.tracking import GRID_ROWS
 
 EFFICIENCY_CSV = "efficiency.csv"  # what pipelines.efficiency writes
@@ -119,10 +123,11 @@ class CellCost:
     train: TrainTiming | None = None
     disk: Disk = field(default_factory=Disk)
     finish_memory: int | None = None  # bytes the finishing task asks Ray for; None: one piece, no finishing task
+    summary_seconds: float = 0.0  # the set-level metrics of every bin, once the pairs are scored
 
     @property
     def eval_seconds(self) -> float:
-        return self.pairs * (self.inpaint_seconds + self.harness_seconds)
+        return self.pairs * (self.inpaint_seconds + self.harness_seconds) + self.summary_seconds
 
     @property
     def train_seconds(self) -> float:
@@ -355,6 +360,80 @@ def cell_disk(config: BenchmarkConfig, cell: CellSpec, harness: HarnessTiming, t
                 resume=train.resume_bytes if model else 0)
 
 
+# ------------------------------------------------------------------------------------ the summary
+#: KID as every summary computes it (bench.metrics.aggregate.summarize's defaults)
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+#: rows per set when the set-level metrics are timed: one covariance chunk, above KID's subset size
+SUMMARY_TIMED_ROWS = STREAM_CHUNK_ROWS
+
+
+@dataclass(frozen=True)
+class SummaryTiming:
+    """The set-level metrics' costs at one feature width, timed here on synthetic float64 features."""
+
+    kid_subset_seconds: float  # the three kernels of one KID subset of KID_SUBSET_SIZE rows per set
+    kid_index_seconds: float  # one subset read out of precomputed full kernels (small bins)
+    frechet_seconds: float  # the distance between two Gaussians of this width
+    row_seconds: float  # mean and covariance, per row of one set
+
+
+def time_summary(width: int, threads: int, rows: int = SUMMARY_TIMED_ROWS) -> SummaryTiming:
+    """:class:`SummaryTiming` at ``width`` with ``threads`` BLAS threads (what the finishing task has: Ray gives a
+    task as many as its CPUs). Each part is timed after a call that warms it up; the whole takes seconds."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    sets = rng.standard_normal((2, rows, width))
+    sets[1] += 0.1 * sets[0]
+    subset = min(KID_SUBSET_SIZE, rows)
+    draws = kid_draws(rows, rows, 1, subset, seed=0)
+    (a, b), = kid_draws(2 * subset, 2 * subset, 1, subset, seed=1)
+    kernel = rng.standard_normal((2 * subset, 2 * subset))  # stands for a small bin's precomputed full kernels
+
+    def timed(call) -> float:
+        call()  # warm-up: first-touch pages, BLAS buffers
+        started = time.perf_counter()
+        call()
+        return time.perf_counter() - started
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        statistics = [streamed_gaussian_statistics(values.__getitem__, rows, STREAM_CHUNK_ROWS) for values in sets]
+        row_seconds = timed(lambda: streamed_gaussian_statistics(sets[0].__getitem__, rows, STREAM_CHUNK_ROWS)) / rows
+        frechet_seconds = timed(lambda: frechet_distance(*statistics[0], *statistics[1]))
+        subset_seconds = timed(lambda: kid_of_subsets(sets[0].__getitem__, sets[1].__getitem__, draws))
+        index_seconds = timed(lambda: unbiased_mmd2(kernel[np.ix_(a, a)], kernel[np.ix_(b, b)], kernel[np.ix_(a, b)]))
+    scale = (KID_SUBSET_SIZE / subset) ** 2  # fewer rows than a subset (tests): scaled to a whole one
+    return SummaryTiming(subset_seconds * scale, index_seconds * scale, frechet_seconds, row_seconds)
+
+
+def summary_seconds(bin_pairs: Sequence[int], timings: Sequence[SummaryTiming]) -> float:
+    """Seconds of a cell's set-level metrics: for every bin of ``bin_pairs`` pairs and every feature width, a
+    Fréchet distance (the covariances of both sets, then the distance) and KID. KID's cost follows
+    :func:`bench.metrics.functional.kid`: a bin small enough for full kernels computes them once (the cost of a
+    subset of all its rows) and reads its subsets out of them; a larger bin computes every subset's kernels.
+    Scaled by the square of the rows, as the kernels are."""
+    total = 0.0
+    for pairs in bin_pairs:
+        if pairs < 2:
+            continue
+        subset_share = (min(pairs, KID_SUBSET_SIZE) / KID_SUBSET_SIZE) ** 2
+        for timing in timings:
+            covariance = 2 * pairs * timing.row_seconds + timing.frechet_seconds
+            if pairs <= SET_METRIC_ROWS_IN_MEMORY and pairs ** 2 <= FULL_KERNEL_MAX_ENTRIES:
+                kid = (timing.kid_subset_seconds * (pairs / KID_SUBSET_SIZE) ** 2
+                       + KID_SUBSETS * timing.kid_index_seconds * subset_share)
+            else:
+                kid = KID_SUBSETS * timing.kid_subset_seconds
+            total += covariance + kid
+    return total
+
+
+def manifest_bin_pairs(manifest_dir: str | os.PathLike) -> list[int]:
+    """Pairs in each bin a cell's summary reports (:data:`bench.metrics.aggregate.DEFAULT_BINS`)."""
+    ratios = np.array([pair.ratio for pair in load_manifest(manifest_dir).pairs], dtype=np.float64)
+    return [int(bin_members(ratios, label).sum()) for label in DEFAULT_BINS]
+
+
 # ------------------------------------------------------------------------------------ the plan
 def wall_seconds(task_seconds: Sequence[float], slots: int) -> float:
     """When the last of independent tasks ends if ``slots`` run at once, each next task (longest first) on the
@@ -367,7 +446,8 @@ def wall_seconds(task_seconds: Sequence[float], slots: int) -> float:
 
 def run_wall_seconds(costs: Sequence[CellCost], slots: int, workers: int = 1) -> float:
     """When the last cell ends on ``slots`` slots: each training first (longest first, on ``workers`` slots at
-    once), then every shard (longest first) on the slot that frees first, not before its cell's training ended."""
+    once), then every shard (longest first) on the slot that frees first, not before its cell's training ended,
+    then each cell's summary, not before its last shard ended."""
     ends = [0.0] * max(1, slots)
     trained: dict[int, float] = {}
     width = min(max(1, workers), len(ends))
@@ -382,9 +462,16 @@ def run_wall_seconds(costs: Sequence[CellCost], slots: int, workers: int = 1) ->
     heapq.heapify(ends)
     tasks = sorted(((cost.inpaint_seconds + cost.harness_seconds) * pairs, index)
                    for index, cost in enumerate(costs) for pairs in cost.shards)
+    evaluated: dict[int, float] = {}
     for seconds, index in reversed(tasks):
         free = heapq.heappop(ends)
-        heapq.heappush(ends, max(free, trained.get(index, 0.0)) + seconds)
+        end = max(free, trained.get(index, 0.0)) + seconds
+        heapq.heappush(ends, end)
+        evaluated[index] = max(evaluated.get(index, 0.0), end)
+    for index, cost in sorted(enumerate(costs), key=lambda item: -item[1].summary_seconds):
+        if cost.summary_seconds > 0:  # the summary follows the cell's last shard
+            free = heapq.heappop(ends)
+            heapq.heappush(ends, max(free, evaluated.get(index, 0.0)) + cost.summary_seconds)
     return max(ends)
 
 
@@ -399,6 +486,8 @@ def estimate(config: BenchmarkConfig, cells: list[CellSpec], slots: int, device:
     inpaint: dict[tuple, float] = {}
     harness: dict[str, HarnessTiming] = {}
     training: dict[tuple, TrainTiming] = {}
+    summaries: dict[int, SummaryTiming] = {}  # by feature width
+    bin_pairs: dict[str, list[int]] = {}
     costs = []
     for cell in cells:
         first_of_manifest = cell.manifest_dir not in harness
@@ -422,11 +511,18 @@ def estimate(config: BenchmarkConfig, cells: list[CellSpec], slots: int, device:
                     f"{config.resources.precision})")
                 training[key] = time_training(config, cell, device)
         timing = training.get(key) if trains else None
+        widths = list(harness[cell.manifest_dir].feature_widths.values())
+        for width in sorted(set(widths) - set(summaries)):
+            log(f"timing the set-level metrics (FID, KID) at {width} dimensions")
+            summaries[width] = time_summary(width, cell_threads(config.resources))
+        if cell.manifest_dir not in bin_pairs:
+            bin_pairs[cell.manifest_dir] = manifest_bin_pairs(cell.manifest_dir)
         shards = layouts[cell]
         costs.append(CellCost(cell, shards[-1].stop, [shard.pairs for shard in shards], steps, inpaint[key],
                               harness[cell.manifest_dir].seconds, timing,
                               cell_disk(config, cell, harness[cell.manifest_dir], timing, steps, first_of_manifest),
-                              finish_task_memory(shards[-1].stop) if len(shards) > 1 else None))
+                              finish_task_memory(shards[-1].stop) if len(shards) > 1 else None,
+                              summary_seconds(bin_pairs[cell.manifest_dir], [summaries[width] for width in widths])))
     return costs
 
 
@@ -450,7 +546,7 @@ def plan_figures(config: BenchmarkConfig, costs: list[CellCost], slots: int) -> 
               "train_setup_seconds": cost.train.setup_seconds if cost.train else None,
               "train_seconds": cost.train_seconds, "eval_seconds": cost.eval_seconds,
               "inpaint_seconds_per_pair": cost.inpaint_seconds, "harness_seconds_per_pair": cost.harness_seconds,
-              "disk": {**dataclasses.asdict(cost.disk), "total": cost.disk.total},
+              "summary_seconds": cost.summary_seconds, "disk": {**dataclasses.asdict(cost.disk), "total": cost.disk.total},
               "finish_memory_bytes": cost.finish_memory} for cost in costs]
     return {"slots": slots, "train_workers": workers, "wall_seconds": wall,
             "train_seconds": sum(c.train_seconds for c in costs), "eval_seconds": sum(c.eval_seconds for c in costs),
@@ -485,7 +581,8 @@ def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: st
     line = lambda row: "  ".join(text.ljust(w) if i == 0 else text.rjust(w)  # noqa: E731
                                  for i, (text, w) in enumerate(zip(row, widths)))
     wall = run_wall_seconds(costs, slots, workers)
-    eval_wall = wall_seconds([(c.inpaint_seconds + c.harness_seconds) * p for c in costs for p in c.shards], slots)
+    eval_wall = wall_seconds([(c.inpaint_seconds + c.harness_seconds) * p for c in costs for p in c.shards]
+                             + [c.summary_seconds for c in costs if c.summary_seconds], slots)
     parts = {name: sum(getattr(c.disk, name) for c in costs)
              for name in ("features", "ground_truth", "composites", "per_image", "checkpoints", "mlflow", "other")}
     resume = max((c.disk.resume for c in costs), default=0)
@@ -497,7 +594,8 @@ def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: st
              f"evaluation alone {eval_wall / 3600:.3g} h ({eval_wall:.0f} s)",
              f"training {train_unit}: {train_total * train_per_cell / 3600:.3g} ({len(training)} cell(s), "
              f"{train_total:.0f} s{f' on {workers} workers each' if workers > 1 else ''}); "
-             f"evaluation {unit}: {total_seconds * per_cell / 3600:.3g}",
+             f"evaluation {unit}: {total_seconds * per_cell / 3600:.3g}, of which the summaries (FID and KID per bin, "
+             f"after a cell's last shard) {sum(c.summary_seconds for c in costs) * per_cell / 3600:.3g}",
              f"disk: {_size(disk_total)} = " + ", ".join(f"{name.replace('_', ' ')} {_size(size)}"
                                                          for name, size in parts.items())
              + (f"; plus up to {_size(resume)} per training cell in train_state.pt while it trains" if resume else ""),

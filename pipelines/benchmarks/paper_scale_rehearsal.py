@@ -391,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
     from bench.metrics.aggregate import NVIDIA_BINS
     from bench.config import BenchmarkConfig, DataConfig, MaskConfig, ResourceConfig, TrackingConfig
     from bench.methods import register_method
+    from bench.run.plan import manifest_bin_pairs, summary_seconds, time_summary
+    from bench.run.resources import cell_threads
     from pipelines.full_benchmark import prepare
     from reports.build import build_report
 
@@ -442,8 +444,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"manifest frozen: {sum(1 for _ in plan.cells)} cell, {pairs:,} pairs", flush=True)
             ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                      object_store_memory=distributed.LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING,
+                     # OMP_NUM_THREADS as Ray sets it for a task of one CPU: the setup hook imports numpy, whose
+                     # BLAS would otherwise size its thread pool before Ray sets the variable (and use every core)
                      runtime_env={"worker_process_setup_hook": f"{__name__}.install_stand_ins",
-                                  "env_vars": {LOG_ENV: str(log), "SAHN_BENCH_OFFLINE": "1"}})
+                                  "env_vars": {LOG_ENV: str(log), "SAHN_BENCH_OFFLINE": "1",
+                                               "OMP_NUM_THREADS": str(cell_threads(config.resources))}})
             try:
                 with distributed.ray_cluster(config.resources):
                     ray_started = time.time()
@@ -496,6 +501,11 @@ def run(args: argparse.Namespace) -> int:
           f"{kept:,} B = {kept / pairs:,.1f} B/pair; composites kept ({args.save_images}): {images:,} B")
     print(f"finishing task: Ray memory request {distributed.finish_task_memory(pairs) / 2**30:.2f} GiB for "
           f"{pairs:,} pairs")
+    summarised = next(row["seconds"] for row in rows if row["stage"] == "summarise")
+    estimate = summary_seconds(manifest_bin_pairs(plan.cells[0].manifest_dir),
+                               [time_summary(FEATURE_WIDTH, cell_threads(config.resources))])
+    print(f"--plan's estimate of this summary: {estimate:.1f} s, measured {summarised:.1f} s "
+          f"(predicted / actual {estimate / summarised:.2f})")
     print(f"report: {report}")
     print(f"total wall time {time.time() - began:.1f} s (budget {args.budget_minutes:g} min)   [{machine()}]")
     if not args.out:

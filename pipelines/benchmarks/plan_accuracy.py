@@ -6,7 +6,7 @@ By default: 2 trainable tiny methods (ec_tiny, lama_tiny) × 2 embedded suites (
 6 bins = 150 pairs per dataset (300 per method), 20 training steps, one cell at a time (``--serial``: the plan's
 wall time is then the sum of its cells, and nothing but the run competes with the cells for the CPUs). Stages:
   training    the plan's training seconds (setup + steps × seconds per step) vs the cells' ``train_seconds``;
-  evaluation  the plan's pairs × (inpaint + harness) vs the cells' ``eval_seconds``;
+  evaluation  the plan's pairs × (inpaint + harness) + summary vs the cells' ``eval_seconds``;
   disk        the plan's bytes vs every byte the run added under ``--out`` but MLflow's database (the plan does
               not estimate it; its size is printed below the table);
   total       the plan's wall time vs the run's, from its start to its report (MLflow logging and the report
