@@ -187,17 +187,20 @@ def test_wall_time_runs_each_cells_summary_after_its_last_shard():
     assert sharded.eval_seconds == 6 + 5
 
 
-def test_summary_seconds_follow_the_bins_and_kids_two_regimes():
-    timing = SummaryTiming(kid_subset_seconds=0.3, kid_index_seconds=0.01, frechet_seconds=6.0, row_seconds=1e-4)
-    # a bin too small for a covariance costs nothing; a bin of 1,000 pairs gets full kernels (one subset's cost)
-    # read 100 times; a bin of 36,500 pairs gets 100 subsets of 1,000 and streamed covariances of both sets
-    assert summary_seconds([1], [timing]) == 0
-    small = 2 * 1000 * 1e-4 + 6.0 + 0.3 + 100 * 0.01
+def test_summary_seconds_follow_the_regime_each_bin_size_gets():
+    timing = SummaryTiming(width=2048, kid_subset_seconds=0.3, kid_index_seconds=0.01, frechet_seconds=6.0,
+                           row_seconds=1e-4)
+    assert summary_seconds([1], [timing]) == 0  # too small for a covariance: NaN, nothing computed
+    # 36,500 pairs (a Places2 NVIDIA bin): streamed covariances of both sets, the D×D distance, 100 KID subsets
     large = 2 * 36_500 * 1e-4 + 6.0 + 100 * 0.3
-    assert summary_seconds([1000], [timing]) == pytest.approx(small)
-    assert summary_seconds([1000, 36_500], [timing, timing]) == pytest.approx(2 * (small + large))
-    # 500 pairs: kernels a quarter of a 1,000-row subset's, and each read a quarter as long
-    assert summary_seconds([500], [timing]) == pytest.approx(2 * 500 * 1e-4 + 6.0 + 0.3 / 4 + 100 * 0.01 / 4)
+    assert summary_seconds([36_500], [timing]) == pytest.approx(large)
+    # 3,000 pairs, at least D: covariances and the distance as above; full kernels (9 subsets' worth) read 100 times
+    middle = 2 * 3000 * 1e-4 + 6.0 + 0.3 * 9 + 100 * 0.01
+    assert summary_seconds([3000], [timing]) == pytest.approx(middle)
+    # 512 pairs, fewer than D: the distance from a 512×512 problem; kernels and reads a quarter of a subset's
+    small = 2 * 512 * 1e-4 / 4 + 6.0 / 64 + 0.3 * 0.512 ** 2 + 100 * 0.01 * 0.512 ** 2
+    assert summary_seconds([512], [timing]) == pytest.approx(small)
+    assert summary_seconds([512, 36_500], [timing, timing]) == pytest.approx(2 * (small + large))
 
 
 def test_the_summary_is_timed_with_the_cells_threads_and_counted_in_every_cells_evaluation(
@@ -206,7 +209,8 @@ def test_the_summary_is_timed_with_the_cells_threads_and_counted_in_every_cells_
 
     def timed(width, threads, rows=bench.run.plan.SUMMARY_TIMED_ROWS):
         calls.append((width, threads))
-        return SummaryTiming(kid_subset_seconds=1.0, kid_index_seconds=0.5, frechet_seconds=100.0, row_seconds=0.0)
+        return SummaryTiming(width=2, kid_subset_seconds=1.0, kid_index_seconds=0.5, frechet_seconds=100.0,
+                             row_seconds=0.0)
 
     monkeypatch.setattr(bench.run.plan, "time_summary", timed)
     values = plan_values(tmp_path, dataset)
@@ -223,5 +227,5 @@ def test_the_summary_is_timed_with_the_cells_threads_and_counted_in_every_cells_
 
 def test_the_summary_timing_is_of_real_metric_calls():
     timing = time_summary(64, threads=1, rows=1100)
-    assert timing.kid_subset_seconds > 0 and timing.kid_index_seconds > 0
+    assert timing.width == 64 and timing.kid_subset_seconds > 0 and timing.kid_index_seconds > 0
     assert timing.frechet_seconds > 0 and timing.row_seconds > 0

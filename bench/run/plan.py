@@ -371,9 +371,10 @@ SUMMARY_TIMED_ROWS = STREAM_CHUNK_ROWS
 class SummaryTiming:
     """The set-level metrics' costs at one feature width, timed here on synthetic float64 features."""
 
+    width: int  # feature dimensions
     kid_subset_seconds: float  # the three kernels of one KID subset of KID_SUBSET_SIZE rows per set
     kid_index_seconds: float  # one subset read out of precomputed full kernels (small bins)
-    frechet_seconds: float  # the distance between two Gaussians of this width
+    frechet_seconds: float  # the distance between two Gaussians of this width (D×D covariances)
     row_seconds: float  # mean and covariance, per row of one set
 
 
@@ -403,29 +404,31 @@ def time_summary(width: int, threads: int, rows: int = SUMMARY_TIMED_ROWS) -> Su
         subset_seconds = timed(lambda: kid_of_subsets(sets[0].__getitem__, sets[1].__getitem__, draws))
         index_seconds = timed(lambda: unbiased_mmd2(kernel[np.ix_(a, a)], kernel[np.ix_(b, b)], kernel[np.ix_(a, b)]))
     scale = (KID_SUBSET_SIZE / subset) ** 2  # fewer rows than a subset (tests): scaled to a whole one
-    return SummaryTiming(subset_seconds * scale, index_seconds * scale, frechet_seconds, row_seconds)
+    return SummaryTiming(width, subset_seconds * scale, index_seconds * scale, frechet_seconds, row_seconds)
 
 
 def summary_seconds(bin_pairs: Sequence[int], timings: Sequence[SummaryTiming]) -> float:
     """Seconds of a cell's set-level metrics: for every bin of ``bin_pairs`` pairs and every feature width, a
-    Fréchet distance (the covariances of both sets, then the distance) and KID. KID's cost follows
-    :func:`bench.metrics.functional.kid`: a bin small enough for full kernels computes them once (the cost of a
-    subset of all its rows) and reads its subsets out of them; a larger bin computes every subset's kernels.
-    Scaled by the square of the rows, as the kernels are."""
-    total = 0.0
-    for pairs in bin_pairs:
-        if pairs < 2:
-            continue
-        subset_share = (min(pairs, KID_SUBSET_SIZE) / KID_SUBSET_SIZE) ** 2
-        for timing in timings:
-            covariance = 2 * pairs * timing.row_seconds + timing.frechet_seconds
-            if pairs <= SET_METRIC_ROWS_IN_MEMORY and pairs ** 2 <= FULL_KERNEL_MAX_ENTRIES:
-                kid = (timing.kid_subset_seconds * (pairs / KID_SUBSET_SIZE) ** 2
-                       + KID_SUBSETS * timing.kid_index_seconds * subset_share)
-            else:
-                kid = KID_SUBSETS * timing.kid_subset_seconds
-            total += covariance + kid
-    return total
+    Fréchet distance and KID, each in the regime :mod:`bench.metrics.aggregate` and
+    :mod:`bench.metrics.functional` choose for the bin's size, from the costs timed at full size scaled as the
+    arithmetic grows: covariances by the rows, kernels by the square of the rows, decompositions by the cube."""
+    return sum(_frechet_seconds(pairs, timing) + _kid_seconds(pairs, timing)
+               for pairs in bin_pairs if pairs >= 2 for timing in timings)
+
+
+def _frechet_seconds(pairs: int, timing: SummaryTiming) -> float:
+    if pairs > SET_METRIC_ROWS_IN_MEMORY or pairs >= timing.width:  # both sets' D×D covariances, then the distance
+        return 2 * pairs * timing.row_seconds + timing.frechet_seconds
+    share = pairs / timing.width  # fewer pairs than dimensions: the same distance from an N×N product
+    return 2 * pairs * timing.row_seconds * share + timing.frechet_seconds * share ** 3
+
+
+def _kid_seconds(pairs: int, timing: SummaryTiming) -> float:
+    if pairs > SET_METRIC_ROWS_IN_MEMORY or pairs ** 2 > FULL_KERNEL_MAX_ENTRIES:  # every subset's kernels
+        return KID_SUBSETS * timing.kid_subset_seconds
+    subset_share = (min(pairs, KID_SUBSET_SIZE) / KID_SUBSET_SIZE) ** 2  # full kernels once, subsets read from them
+    return (timing.kid_subset_seconds * (pairs / KID_SUBSET_SIZE) ** 2
+            + KID_SUBSETS * timing.kid_index_seconds * subset_share)
 
 
 def manifest_bin_pairs(manifest_dir: str | os.PathLike) -> list[int]:

@@ -15,10 +15,11 @@ Composites go straight to ``<cell>/images/``. Folders are named by their range, 
 removes the shard folders once the cell's own files are written.
 
 Memory. A shard's files are written as its batches are scored (:func:`bench.run.evaluate.write_pair_files`),
-so an evaluation task holds one batch, not its shard. The merge streams: shard by shard, ``per_image.csv`` in chunks of rows and each feature array in chunks
-read from the shard's mapped file, so its memory does not grow with the cell's pairs except for the per-image
-scalars a summary averages (ratio and metrics: 8 bytes each per pair, about 50 bytes a pair in all). The summary
-then reads features bin by bin (:func:`bench.metrics.aggregate.summarize`).
+so an evaluation task holds one batch, not its shard. The merge streams: shard by shard, ``per_image.csv`` in
+chunks of rows and each feature array in chunks read from the shard's mapped file, so its memory does not grow
+with the cell's pairs except for the per-image scalars a summary averages (ratio and metrics: 8 bytes each per
+pair, about 50 bytes a pair in all). The summary then reads features bin by bin
+(:func:`bench.metrics.aggregate.summarize`).
 """
 from __future__ import annotations
 

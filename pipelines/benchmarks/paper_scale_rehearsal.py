@@ -369,7 +369,8 @@ def combine(stage: str, records: list[dict], pairs: int, extra_bytes: int = 0) -
     where = f"{len(records)} Ray tasks" if len(records) > 1 else ("driver" if records[0]["pid"] == os.getpid()
                                                                   else "Ray task")
     return {"stage": stage, "seconds": seconds, "peak_rss": max(r["peak_rss"] for r in records),
-            "peak_private": max(r["peak_private"] for r in records), "max_rss": max(r["max_rss"] for r in records), "bytes": written, "per_pair": written / pairs,
+            "peak_private": max(r["peak_private"] for r in records), "max_rss": max(r["max_rss"] for r in records),
+            "bytes": written, "per_pair": written / pairs,
             "where": where}
 
 
