@@ -33,8 +33,8 @@ For every cell: its pairs, its evaluation shards (the layout the run would use o
   memory      the finishing task's Ray ``memory`` request of a sharded cell
               (:func:`bench.run.resources.finish_task_memory`; cells in one piece have no finishing task).
 Then the totals and the wall time on the cluster: every cell's training on the slots (one per worker), then its
-shards once its training ended, longest first, then its summary. Latencies measured here are this machine's: on a GPU cluster, run
-the plan on one of its nodes, or pass the files measured there. ``plan.json`` beside ``plan.txt`` holds the
+shards once its training ended, longest first, then its summary. Latencies measured here are this machine's: on a
+GPU cluster, run the plan on one of its nodes, or pass the files measured there. ``plan.json`` beside ``plan.txt`` holds the
 figures (pipelines/benchmarks/plan_accuracy.py compares them with a real run).
 """
 from __future__ import annotations
@@ -549,11 +549,18 @@ def plan_figures(config: BenchmarkConfig, costs: list[CellCost], slots: int) -> 
               "train_setup_seconds": cost.train.setup_seconds if cost.train else None,
               "train_seconds": cost.train_seconds, "eval_seconds": cost.eval_seconds,
               "inpaint_seconds_per_pair": cost.inpaint_seconds, "harness_seconds_per_pair": cost.harness_seconds,
-              "summary_seconds": cost.summary_seconds, "disk": {**dataclasses.asdict(cost.disk), "total": cost.disk.total},
+              "summary_seconds": cost.summary_seconds,
+              "disk": {**dataclasses.asdict(cost.disk), "total": cost.disk.total},
               "finish_memory_bytes": cost.finish_memory} for cost in costs]
     return {"slots": slots, "train_workers": workers, "wall_seconds": wall,
             "train_seconds": sum(c.train_seconds for c in costs), "eval_seconds": sum(c.eval_seconds for c in costs),
             "disk_bytes": sum(c.disk.total for c in costs), "cells": cells}
+
+
+def held_seconds(cost: CellCost, gpus: float) -> float:
+    """Seconds a cell's evaluation holds its evaluation request: a sharded cell's summary runs in a finishing
+    task that holds CPUs but no GPU."""
+    return cost.eval_seconds - (cost.summary_seconds if gpus > 0 and len(cost.shards) > 1 else 0.0)
 
 
 def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: str, sources: list[str]) -> str:
@@ -570,10 +577,10 @@ def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: st
              f"{cost.train.step_seconds:.3g}" if cost.train_steps and cost.train else "-",
              f"{cost.train_seconds * train_per_cell / 3600:.3g}",
              f"{1000 * cost.inpaint_seconds:.1f}", f"{1000 * cost.harness_seconds:.1f}",
-             f"{cost.eval_seconds * per_cell / 3600:.3g}", _size(cost.disk.total).replace(" ", ""),
+             f"{held_seconds(cost, gpus) * per_cell / 3600:.3g}", _size(cost.disk.total).replace(" ", ""),
              f"{cost.finish_memory / 2**30:.3g}GiB" if cost.finish_memory else "-"] for cost in costs]
     train_total = sum(cost.train_seconds for cost in costs)
-    total_seconds = sum(cost.eval_seconds for cost in costs)
+    total_seconds = sum(held_seconds(cost, gpus) for cost in costs)
     disk_total = sum(cost.disk.total for cost in costs)
     memories = [cost.finish_memory for cost in costs if cost.finish_memory]
     rows.append(["total", f"{sum(c.pairs for c in costs):,}", str(sum(len(c.shards) for c in costs)),
@@ -597,8 +604,9 @@ def render(config: BenchmarkConfig, costs: list[CellCost], slots: int, where: st
              f"evaluation alone {eval_wall / 3600:.3g} h ({eval_wall:.0f} s)",
              f"training {train_unit}: {train_total * train_per_cell / 3600:.3g} ({len(training)} cell(s), "
              f"{train_total:.0f} s{f' on {workers} workers each' if workers > 1 else ''}); "
-             f"evaluation {unit}: {total_seconds * per_cell / 3600:.3g}, of which the summaries (FID and KID per bin, "
-             f"after a cell's last shard) {sum(c.summary_seconds for c in costs) * per_cell / 3600:.3g}",
+             f"evaluation {unit}: {total_seconds * per_cell / 3600:.3g}; the summaries (FID and KID per bin, after a "
+             f"cell's last shard) take {sum(c.summary_seconds for c in costs):.0f} s in all"
+             + (", in CPU-only finishing tasks for sharded cells" if gpus > 0 else ""),
              f"disk: {_size(disk_total)} = " + ", ".join(f"{name.replace('_', ' ')} {_size(size)}"
                                                          for name, size in parts.items())
              + (f"; plus up to {_size(resume)} per training cell in train_state.pt while it trains" if resume else ""),
