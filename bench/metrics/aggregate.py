@@ -109,6 +109,12 @@ def _set_level_rows(label: str, selected: np.ndarray, features: Mapping[str, np.
             {"bin": label, "metric": f"{kid_name}_std", "value": kid_std, "n": n}]
 
 
+def summary_columns(per_image: pd.DataFrame) -> pd.DataFrame:
+    """The columns of per-image rows that :func:`summarize` reads (the ratio and the per-image metrics): what a
+    writer streaming rows to disk keeps in memory for the summary."""
+    return per_image[[name for name in ("ratio", *PER_IMAGE_METRICS) if name in per_image.columns]]
+
+
 def summarize(per_image: pd.DataFrame, features: Mapping[str, np.ndarray] | None = None, bins=DEFAULT_BINS,
               metrics=None, *, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Long summary ``bin, metric, value, n``: per-image metric means per bin, then set-level metrics.

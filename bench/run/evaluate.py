@@ -46,14 +46,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bench.metrics.aggregate import GT_ROWS, StreamedArray, open_features, save_features, summarize
+from bench.metrics.aggregate import GT_ROWS, StreamedArray, open_features, save_features, summarize, summary_columns
 from bench.errors import UserError
 from bench.files import atomic_path
 from bench.data.images import quantize, read_image, to_tensor, write_png
 from bench.data.manifest import Manifest, Pair
 from bench.methods import AUTOCAST_DTYPES, PRECISIONS, InpaintingMethod, in_memory_format
 from bench.metrics.scoring import Scorer, select
-from bench.metrics.table import PER_IMAGE_METRICS
 
 #: the ground truths' features beside a manifest, one file per key (networks, device type, precision), so a run
 #: with another key never replaces features that a finished cell points to
@@ -310,7 +309,8 @@ def scored_batches(method: InpaintingMethod, manifest: Manifest, scorer: Scorer,
             reference = {name: select(embedding, index) for name, embedding in scorer.reference(truth[firsts]).items()}
             scores = scorer.per_image(composite, truth, reference)
             score_table = torch.stack([values.double() for values in scores.values()], dim=1).cpu().numpy()
-            features = {f"pred/{name}": values.float().cpu().numpy() for name, values in scorer.features(composite).items()}
+            features = {f"pred/{name}": values.float().cpu().numpy()
+                        for name, values in scorer.features(composite).items()}
             pixels = composite.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # every digest needs the pixels
             rows = []
             for pair, image, values in zip(batch_pairs, pixels, score_table.tolist()):
@@ -423,7 +423,7 @@ def write_pair_files(folder: str | os.PathLike, batches: Iterable[ScoredBatch], 
             for batch in batches:
                 frame = pd.DataFrame(batch.rows)
                 frame.to_csv(stream, index=False, header=not scalars, float_format=float_format)
-                scalars.append(frame[[name for name in ("ratio", *PER_IMAGE_METRICS) if name in frame.columns]])
+                scalars.append(summary_columns(frame))
                 spill.append(batch.features)
             stream.flush()
             save_features(folder / "features.npz", {**spill.streamed(), **(entries or {})})

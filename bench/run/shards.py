@@ -34,12 +34,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.metrics.aggregate import StreamedArray, open_features, save_features, summarize
+from bench.metrics.aggregate import StreamedArray, open_features, save_features, summarize, summary_columns
 from bench.files import atomic_path, atomic_write_text
 from bench.errors import UserError
 from bench.run.evaluate import (FEATURES_FORMAT, GroundTruth, PairResults, ScoredBatch, WrittenPairs, as_batches,
                                 cell_feature_entries, write_csv_atomic, write_pair_files)
-from bench.metrics.table import PER_IMAGE_METRICS
 
 SHARDS_FOLDER = "shards"
 SHARD_DONE = "shard.json"
@@ -200,7 +199,7 @@ def merge_shards(cell_dir: str | os.PathLike, shards: Sequence[Shard], pairs: in
             for rows in read_shard_rows(cell_dir, shard, chunk_rows):
                 rows.to_csv(stream, index=False, header=header, float_format="%.10g")
                 header = False
-                scalars.append(rows[[c for c in ("ratio", *PER_IMAGE_METRICS) if c in rows.columns]])
+                scalars.append(summary_columns(rows))
     per_image = pd.concat(scalars, ignore_index=True)
     del scalars
     features = open_features(cell_dir / "features.npz")
