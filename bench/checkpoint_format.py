@@ -62,7 +62,7 @@ def _read_key(path: str | os.PathLike, extra_globals: list[Any]) -> tuple[Any, .
 
 
 def is_zip_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is in torch's zip format (torch >= 1.6), which ``torch.load(mmap=True)`` can map; files
+    """Whether ``path`` is in torch's zip format (torch >= 1.6), which torch can load memory-mapped; files
     of torch 1.0-1.5 (EdgeConnect's releases) are in the legacy format, which can only be read whole."""
     try:
         with open(path, "rb") as handle:
