@@ -88,9 +88,10 @@ def build_report_from_mlflow(uri: str, experiment: str, out: str | Path) -> Path
     """The same report from an MLflow experiment: the newest finished run of each cell."""
     from bench.run.tracking import load_cells
 
+    cells = load_cells(uri, experiment)  # a missing experiment is refused before any folder is made
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return write_report(load_cells(uri, experiment), out)
+    return write_report(cells, out)
 
 
 def write_report(cells: Sequence[CellResult], out: Path) -> Path:

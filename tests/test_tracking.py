@@ -258,14 +258,16 @@ def test_report_from_mlflow_equals_report_from_the_folder(benchmark_folder, tmp_
     assert "1 finished" not in from_folder.read_text() and "2 finished cells" in from_folder.read_text()
 
 
-def test_report_cli_reads_an_experiment_and_names_what_is_missing(benchmark_folder, tmp_path, capsys):
+def test_report_cli_reads_an_experiment_and_names_what_is_missing(benchmark_folder, tmp_path, capsys, monkeypatch):
     from reports.build import main
 
     tracker = log_folder(benchmark_folder)
     report = main(["--from", "bench", "--mlflow-uri", tracker.uri, "--out", str(tmp_path / "r")])
     assert report == tmp_path / "r" / "report.md" and "tiny_net (SAHN)" in report.read_text()
+    monkeypatch.chdir(tmp_path)  # the default output folder, ./report-<experiment>, would go here
     with pytest.raises(UserError, match="no MLflow experiment 'nope'.*bench"):
         main(["--from", "nope", "--mlflow-uri", tracker.uri])
+    assert not (tmp_path / "report-nope").exists()  # refused before anything was made
     with pytest.raises(UserError, match="--from .*no-such-folder: no such results folder"):
         main(["--from", str(tmp_path / "no-such-folder")])
 
